@@ -1,0 +1,67 @@
+"""``mmart <stage>``: one subcommand per pipeline stage.
+
+Run as: ``mmart --help`` (lists the stages) or ``mmart <stage> --help``.
+
+Each stage lives in its own module exposing ``register(subparsers)``; heavy imports
+(torch, transformers) happen inside the handlers, so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Stage modules in pipeline order; each adds its subcommand(s).
+STAGE_MODULES = (
+    "mmart.config_cli",  # config (print a resolved config; used by scripts/train.sh)
+    "mmart.data.cli",  # world, validate
+    "mmart.vision.cli",  # vision, cache
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmart",
+        description=(
+            "Post-train a multimodal LLM to choose, for each member and title, the artwork "
+            "the member is most likely to play. Stages, in pipeline order: world -> validate -> "
+            "cache -> sft -> dpo -> predict -> eval -> review. `bash scripts/train.sh` runs them all."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="stage", metavar="<stage>")
+    for name in STAGE_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # a stage not built yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from mmart.errors import UserError
+
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"mmart {args.stage}: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # output piped into `head` and closed early
+        sys.stdout = open("/dev/null", "w")  # noqa: SIM115 - silence the flush at exit
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

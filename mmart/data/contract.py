@@ -1,0 +1,332 @@
+"""The dataset contract: four Parquet tables plus ``images/``, loaded through ``datasets``.
+
+Every later stage reads a dataset only through :func:`load_contract`, so a real
+catalog and the demo world go through the same code. :func:`validate` checks every
+rule of the contract and returns *all* problems, each naming the file, the row key
+and the fix, because a user repairing an export wants the whole list at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from mmart.errors import UserError
+
+TABLES = ("titles", "artworks", "users", "impressions")
+
+# Required columns per table, and the Python types a value must have.
+REQUIRED_COLUMNS: dict[str, dict[str, str]] = {
+    "titles": {"title_id": "str", "name": "str", "genres": "list[str]", "synopsis": "str"},
+    "artworks": {"artwork_id": "str", "title_id": "str", "path": "str"},
+    "users": {"user_id": "str", "history": "list[struct]"},
+    "impressions": {
+        "impression_id": "str",
+        "user_id": "str",
+        "title_id": "str",
+        "shown_artwork_id": "str",
+        "propensity": "float",
+        "played": "bool",
+        "timestamp": "int",
+        "split": "str",
+    },
+}
+OPTIONAL_COLUMNS = {
+    "titles": {"year": "int"},
+    "artworks": {"tags": "list[str]", "caption": "str"},
+    # ``logging_policy`` ("production" / "uniform") marks the uniformly-random slice.
+    "impressions": {"logging_policy": "str"},
+}
+SPLITS = ("train", "val", "test")
+ID_COLUMNS = {"titles": "title_id", "artworks": "artwork_id", "users": "user_id", "impressions": "impression_id"}
+MAX_PROBLEMS_PER_RULE = 20
+
+
+class ContractError(UserError, ValueError):
+    """A dataset folder that breaks the contract; ``problems`` lists every broken rule."""
+
+    def __init__(self, problems: list["Problem"], root: Path):
+        self.problems = problems
+        lines = [f"{root}: {len(problems)} contract problem(s):"] + [f"  - {p}" for p in problems]
+        super().__init__("\n".join(lines))
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One broken rule: where (file and row key), what, and how to fix it."""
+
+    rule: str
+    file: str
+    key: str
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"[{self.rule}] {self.file} ({self.key}): {self.message}. Fix: {self.fix}"
+
+
+@dataclasses.dataclass
+class Contract:
+    """A loaded dataset folder. Tables are Arrow-backed ``datasets.Dataset`` objects."""
+
+    root: Path
+    titles: Any
+    artworks: Any
+    users: Any
+    impressions: Any
+
+    def frame(self, table: str) -> pd.DataFrame:
+        """The table as a pandas DataFrame (cached: validation and example building reuse it)."""
+        cache = self.__dict__.setdefault("_frames", {})
+        if table not in cache:
+            cache[table] = getattr(self, table).to_pandas()
+        return cache[table]
+
+    def image_path(self, relative: str) -> Path:
+        """Resolve an artwork path inside the dataset folder; refuse anything that escapes it."""
+        path = resolve_inside(self.root, relative)
+        if path is None:
+            raise ContractError(
+                [Problem("paths", "artworks.parquet", relative, "path escapes the dataset folder",
+                         "use a path relative to the dataset folder, e.g. images/<artwork_id>.png")],
+                self.root,
+            )
+        return path
+
+
+def resolve_inside(root: Path, relative: str) -> Path | None:
+    """``root/relative`` if it is relative and stays inside ``root`` after resolving links, else None."""
+    if not relative or Path(relative).is_absolute():
+        return None
+    root = Path(root).resolve()
+    path = (root / relative).resolve()
+    return path if path.is_relative_to(root) else None
+
+
+def _read_table(root: Path, name: str, problems: list[Problem]):
+    import datasets
+
+    path = root / f"{name}.parquet"
+    if not path.is_file():
+        problems.append(Problem("tables", f"{name}.parquet", "-", "file is missing",
+                                f"write {name}.parquet into {root} (see DATA.md, section 1)"))
+        return None
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        problems.append(Problem("tables", f"{name}.parquet", "-", f"not a readable Parquet file ({e})",
+                                "rewrite it with pandas.DataFrame.to_parquet or datasets"))
+        return None
+    missing = [c for c in REQUIRED_COLUMNS[name] if c not in table.column_names]
+    for col in missing:
+        problems.append(Problem("schema", f"{name}.parquet", f"column {col}", "required column is missing",
+                                f"add a {REQUIRED_COLUMNS[name][col]} column named {col!r}"))
+    if missing:
+        return None
+    return datasets.Dataset(table)
+
+
+def load_contract(root: str | Path, check: bool = True) -> Contract:
+    """Load a dataset folder; with ``check`` (the default) raise :class:`ContractError` on any problem."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"dataset folder {root} does not exist; create one with "
+                                f"`mmart world --config configs/world/default.yaml --out {root}`")
+    problems: list[Problem] = []
+    tables = {name: _read_table(root, name, problems) for name in TABLES}
+    if problems:
+        raise ContractError(problems, root)
+    contract = Contract(root=root, **tables)
+    if check:
+        problems = validate_contract(contract)
+        if problems:
+            raise ContractError(problems, root)
+    return contract
+
+
+def validate(root: str | Path) -> list[Problem]:
+    """Every contract problem of a dataset folder (an empty list means it is valid)."""
+    root = Path(root)
+    if not root.is_dir():
+        return [Problem("tables", str(root), "-", "dataset folder does not exist",
+                        "pass the folder that holds titles.parquet, artworks.parquet, users.parquet, impressions.parquet")]
+    problems: list[Problem] = []
+    tables = {name: _read_table(root, name, problems) for name in TABLES}
+    if any(t is None for t in tables.values()):
+        return problems
+    return validate_contract(Contract(root=root, **tables))
+
+
+class _Collector:
+    """Gathers problems, keeping at most MAX_PROBLEMS_PER_RULE per rule plus a count of the rest."""
+
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+        self.counts: dict[tuple[str, str], int] = defaultdict(int)
+
+    def add(self, rule: str, file: str, key: Any, message: str, fix: str) -> None:
+        self.counts[(rule, file)] += 1
+        if self.counts[(rule, file)] <= MAX_PROBLEMS_PER_RULE:
+            self.problems.append(Problem(rule, file, str(key), message, fix))
+
+    def finish(self) -> list[Problem]:
+        for (rule, file), n in self.counts.items():
+            if n > MAX_PROBLEMS_PER_RULE:
+                self.problems.append(Problem(rule, file, "...", f"{n - MAX_PROBLEMS_PER_RULE} more rows break this rule",
+                                             "fix the rows above, then run `mmart validate` again"))
+        return self.problems
+
+
+def _check_types(c: _Collector, name: str, df: pd.DataFrame) -> None:
+    file = f"{name}.parquet"
+    idcol = ID_COLUMNS[name]
+    specs = {**REQUIRED_COLUMNS[name], **{k: v for k, v in OPTIONAL_COLUMNS.get(name, {}).items() if k in df}}
+    for col, kind in specs.items():
+        values = df[col].tolist()
+        keys = df[idcol].tolist()
+        optional = col in OPTIONAL_COLUMNS.get(name, {})
+        for key, v in zip(keys, values):
+            if optional and (v is None or (isinstance(v, float) and math.isnan(v))):
+                continue
+            ok = {
+                "str": lambda x: isinstance(x, str) and x != "",
+                "int": lambda x: isinstance(x, int) or (hasattr(x, "dtype") and x.dtype.kind in "iu"),
+                "float": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
+                "bool": lambda x: isinstance(x, bool) or (hasattr(x, "dtype") and x.dtype.kind == "b"),
+                "list[str]": lambda x: hasattr(x, "__len__") and not isinstance(x, str) and all(isinstance(i, str) for i in x),
+                "list[struct]": lambda x: hasattr(x, "__len__") and not isinstance(x, str) and all(isinstance(i, dict) for i in x),
+            }[kind](v)
+            if not ok:
+                c.add("schema", file, f"{idcol}={key}", f"column {col!r} holds {v!r}, expected {kind}",
+                      f"store {col} as {kind}" + ("" if optional else " (it is required, so no nulls)"))
+
+
+def validate_contract(contract: Contract) -> list[Problem]:
+    """Check every rule of DATA.md section 1 on a loaded contract."""
+    c = _Collector()
+    titles, artworks = contract.frame("titles"), contract.frame("artworks")
+    users, imps = contract.frame("users"), contract.frame("impressions")
+    for name in TABLES:
+        _check_types(c, name, contract.frame(name))
+
+    # Unique ids.
+    for name in TABLES:
+        col = ID_COLUMNS[name]
+        dup = contract.frame(name)[col]
+        for key in sorted(set(dup[dup.duplicated()].tolist()), key=str):
+            c.add("unique-ids", f"{name}.parquet", f"{col}={key}", f"{col} appears more than once",
+                  f"give every row of {name}.parquet its own {col}")
+
+    title_ids = set(titles["title_id"])
+    user_ids = set(users["user_id"])
+    art_title = dict(zip(artworks["artwork_id"], artworks["title_id"]))
+
+    # Foreign keys.
+    for aid, tid in art_title.items():
+        if tid not in title_ids:
+            c.add("foreign-keys", "artworks.parquet", f"artwork_id={aid}", f"title_id {tid!r} is not in titles.parquet",
+                  "add the title to titles.parquet or drop the artwork")
+    for row in imps[["impression_id", "user_id", "title_id", "shown_artwork_id"]].itertuples(index=False):
+        key = f"impression_id={row.impression_id}"
+        if row.user_id not in user_ids:
+            c.add("foreign-keys", "impressions.parquet", key, f"user_id {row.user_id!r} is not in users.parquet",
+                  "add the member to users.parquet or drop the impression")
+        if row.title_id not in title_ids:
+            c.add("foreign-keys", "impressions.parquet", key, f"title_id {row.title_id!r} is not in titles.parquet",
+                  "add the title to titles.parquet or drop the impression")
+        shown_title = art_title.get(row.shown_artwork_id)
+        if shown_title is None:
+            c.add("foreign-keys", "impressions.parquet", key,
+                  f"shown_artwork_id {row.shown_artwork_id!r} is not in artworks.parquet",
+                  "add the artwork to artworks.parquet or drop the impression")
+        elif shown_title != row.title_id:
+            c.add("foreign-keys", "impressions.parquet", key,
+                  f"shown_artwork_id {row.shown_artwork_id!r} belongs to title {shown_title!r}, not {row.title_id!r}",
+                  "log the artwork that was shown for this title")
+
+    # History: foreign keys, ratings; and collect timestamps for the leakage rule.
+    last_history: dict[str, tuple[int, str]] = {}
+    for uid, history in zip(users["user_id"], users["history"]):
+        for i, ev in enumerate(history if history is not None else []):
+            key = f"user_id={uid}, history[{i}]"
+            if not isinstance(ev, dict):
+                continue
+            if ev.get("title_id") not in title_ids:
+                c.add("foreign-keys", "users.parquet", key, f"history title_id {ev.get('title_id')!r} is not in titles.parquet",
+                      "add the title to titles.parquet or drop the event")
+            aid = ev.get("artwork_id")
+            if aid is not None:
+                if aid not in art_title:
+                    c.add("foreign-keys", "users.parquet", key, f"history artwork_id {aid!r} is not in artworks.parquet",
+                          "set artwork_id to null when the artwork is unknown")
+                elif art_title[aid] != ev.get("title_id"):
+                    c.add("foreign-keys", "users.parquet", key,
+                          f"history artwork_id {aid!r} belongs to title {art_title[aid]!r}, not {ev.get('title_id')!r}",
+                          "record the artwork the member played this title from, or null")
+            rating = ev.get("rating")
+            if rating is not None and not (isinstance(rating, int) and 1 <= rating <= 5):
+                c.add("schema", "users.parquet", key, f"rating {rating!r} is not an integer from 1 to 5",
+                      "store ratings as integers 1-5, or null when unknown")
+            ts = ev.get("timestamp")
+            if not isinstance(ts, int):
+                c.add("schema", "users.parquet", key, f"timestamp {ts!r} is not an integer",
+                      "store event times as integer seconds")
+            elif uid not in last_history or ts > last_history[uid][0]:
+                last_history[uid] = (ts, key)
+
+    # A title has at least 2 artworks.
+    counts = artworks.groupby("title_id").size().to_dict()
+    for tid in titles["title_id"]:
+        if counts.get(tid, 0) < 2:
+            c.add("artworks-per-title", "titles.parquet", f"title_id={tid}",
+                  f"title has {counts.get(tid, 0)} artwork(s); choosing needs at least 2",
+                  "add candidate artworks for it or drop the title and its impressions")
+
+    # Propensity in (0, 1]; valid split names.
+    for iid, p in zip(imps["impression_id"], imps["propensity"]):
+        if not (isinstance(p, (int, float)) and 0 < p <= 1):
+            c.add("propensity", "impressions.parquet", f"impression_id={iid}", f"propensity {p!r} is not in (0, 1]",
+                  "log the probability with which the serving policy chose the shown artwork")
+    for iid, s in zip(imps["impression_id"], imps["split"]):
+        if s not in SPLITS:
+            c.add("schema", "impressions.parquet", f"impression_id={iid}", f"split {s!r} is not one of {list(SPLITS)}",
+                  "assign each member-title pair to train, val or test")
+
+    # Image paths: relative, inside the folder, present.
+    for aid, rel in zip(artworks["artwork_id"], artworks["path"]):
+        if not isinstance(rel, str):
+            continue
+        path = resolve_inside(contract.root, rel)
+        if path is None:
+            c.add("paths", "artworks.parquet", f"artwork_id={aid}", f"path {rel!r} is absolute or escapes the dataset folder",
+                  "store paths relative to the dataset folder, e.g. images/<artwork_id>.png")
+        elif not path.is_file():
+            c.add("paths", "artworks.parquet", f"artwork_id={aid}", f"image {rel!r} does not exist",
+                  "copy the image into the dataset folder or fix the path")
+
+    # No leakage from the future: the member's history is older than every impression it conditions.
+    first_imp: dict[str, tuple[int, str]] = {}
+    for uid, ts, iid in zip(imps["user_id"], imps["timestamp"], imps["impression_id"]):
+        ts = int(ts)
+        if uid not in first_imp or ts < first_imp[uid][0]:
+            first_imp[uid] = (ts, iid)
+    for uid, (hts, hkey) in last_history.items():
+        if uid in first_imp and hts >= first_imp[uid][0]:
+            c.add("leakage", "users.parquet", hkey,
+                  f"history event at {hts} is not older than impression {first_imp[uid][1]} at {first_imp[uid][0]}",
+                  "keep in history only events before the member's first impression (later plays belong in impressions)")
+
+    # No member-title pair in more than one split.
+    pair_splits = imps.groupby(["user_id", "title_id"])["split"].agg(lambda s: sorted(set(s)))
+    for (uid, tid), splits in pair_splits.items():
+        if len(splits) > 1:
+            c.add("split-overlap", "impressions.parquet", f"user_id={uid}, title_id={tid}",
+                  f"member-title pair appears in splits {splits}",
+                  "split by member-title pair so every impression of a pair is in one split")
+    return c.finish()

@@ -1,0 +1,283 @@
+"""Generate the demo world: tables (the contract), rendered artworks, oracle, summary, contact sheet.
+
+Run as: ``mmart world --config configs/world/default.yaml --out data/world``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from mmart.config import to_dict
+from mmart.data.world import simulate as sim
+from mmart.data.world.config import WorldConfig
+from mmart.data.world.render import ArtworkSpec, contact_sheet, render_artwork
+from mmart.data.world.themes import THEMES
+from mmart.errors import UserError
+
+DAY = 86_400
+T0 = 1_600_000_000  # history starts here; impressions start HISTORY_DAYS later
+HISTORY_DAYS, IMPRESSION_DAYS = 300, 60
+STYLE_TAGS = (("close-up", "group"), ("bright", "dark"), ("large", "small"))
+
+HISTORY_TYPE = pa.list_(pa.struct([("title_id", pa.string()), ("rating", pa.int64()),
+                                   ("artwork_id", pa.string()), ("timestamp", pa.int64())]))
+
+
+def _ids(prefix: str, n: int) -> list[str]:
+    width = max(4, len(str(n - 1)))
+    return [f"{prefix}{i:0{width}d}" for i in range(n)]
+
+
+def _title_text(cfg: WorldConfig, catalog: sim.Catalog, rng: np.random.Generator):
+    names, synopses, genres = [], [], []
+    for themes in catalog.title_themes:
+        main = THEMES[cfg.themes[themes[0]]]
+        second = THEMES[cfg.themes[themes[-1]]]
+        if rng.random() < 0.5:
+            names.append(f"The {rng.choice(main.adjectives)} {rng.choice(second.nouns)}")
+        else:
+            names.append(f"{rng.choice(main.nouns)} of the {rng.choice(second.adjectives)} {rng.choice(main.nouns)}")
+        parts = [str(rng.choice(THEMES[cfg.themes[k]].premise)) for k in themes]
+        synopses.append(("When " + parts[0] + ", " + "; meanwhile ".join(parts[1:]) + ".") if len(parts) > 1
+                        else parts[0].capitalize() + ".")
+        genres.append([cfg.themes[k] for k in themes])
+    return names, synopses, genres
+
+
+def _render_one(args: tuple[ArtworkSpec, int, int, str]) -> None:
+    spec, w, h, path = args
+    render_artwork(spec, w, h).save(path, format="PNG", optimize=False)
+
+
+def _write(table: pa.Table, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def _gumbel_topk(scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Sample k items per row without replacement, proportional to exp(score): [rows, k]."""
+    g = scores + rng.gumbel(size=scores.shape)
+    top = np.argpartition(-g, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(g, top, axis=1), axis=1)
+    return np.take_along_axis(top, order, axis=1)
+
+
+def generate_world(cfg: WorldConfig, out_dir: str | Path, progress: bool = True) -> dict:
+    start = time.perf_counter()
+    out = Path(out_dir)
+    h_lo, h_hi = cfg.history_length
+    p_lo, p_hi = cfg.pairs_per_member
+    if h_hi + p_hi > cfg.num_titles:
+        raise UserError(f"history_length max ({h_hi}) + pairs_per_member max ({p_hi}) exceeds num_titles "
+                        f"({cfg.num_titles}): a member cannot watch and be shown that many distinct titles")
+    rng = np.random.default_rng(cfg.seed)
+    catalog = sim.sample_catalog(cfg, rng)
+    members = sim.sample_members(cfg, rng)
+    n_themes, a_per = len(cfg.themes), cfg.artworks_per_title
+    title_ids, user_ids = _ids("t", cfg.num_titles), _ids("u", cfg.num_members)
+    art_ids = [[f"{tid}_a{j}" for j in range(a_per)] for tid in title_ids]
+
+    # --- Titles and artworks ---------------------------------------------------------------
+    names, synopses, genres = _title_text(cfg, catalog, rng)
+    years = rng.integers(1970, 2026, cfg.num_titles)
+    titles_tbl = pa.table({"title_id": title_ids, "name": names, "genres": genres, "synopsis": synopses,
+                           "year": pa.array(years, pa.int64())})
+    art_rows, specs = [], []
+    for t in range(cfg.num_titles):
+        for j in range(a_per):
+            theme = cfg.themes[catalog.art_theme[t, j]]
+            style = catalog.art_style[t, j] > 0
+            tags = [f"theme:{theme}"] + [f"{kind}:{pair[0] if on else pair[1]}"
+                                         for kind, pair, on in zip(("shot", "tone", "title"), STYLE_TAGS, style)]
+            shot = "a close-up of one face" if style[0] else "a group of people"
+            caption = f"A {theme} artwork: {shot}."  # lossy on purpose: no tone, no title size
+            aid = art_ids[t][j]
+            art_rows.append((aid, title_ids[t], f"images/{aid}.png", tags, caption))
+            specs.append(ArtworkSpec(theme, bool(style[0]), bool(style[1]), bool(style[2]), names[t],
+                                     seed=int(cfg.seed * 1_000_003 + t * 8 + j)))
+    artworks_tbl = pa.table({k: [r[i] for r in art_rows] for i, k in
+                             enumerate(("artwork_id", "title_id", "path", "tags", "caption"))})
+
+    # --- Histories and impression pairs: titles drawn by affinity and popularity --------------
+    h_len = rng.integers(h_lo, h_hi + 1, cfg.num_members)
+    n_pairs = rng.integers(p_lo, p_hi + 1, cfg.num_members)
+    hist_user, hist_title, pair_user, pair_title = [], [], [], []
+    chunk = max(1, 2_000_000 // cfg.num_titles)
+    all_titles = np.arange(cfg.num_titles)
+    for s in range(0, cfg.num_members, chunk):
+        users = np.arange(s, min(s + chunk, cfg.num_members))
+        aff = n_themes * members.theme_pref[users] @ catalog.title_mix.T - 1.0
+        picks = _gumbel_topk(aff + 0.5 * catalog.popularity[all_titles][None, :], h_hi + p_hi, rng)
+        for row, u in enumerate(users):
+            chosen = picks[row, : h_len[u] + n_pairs[u]][rng.permutation(h_len[u] + n_pairs[u])]
+            hist_user.append(np.full(h_len[u], u)); hist_title.append(chosen[: h_len[u]])
+            pair_user.append(np.full(n_pairs[u], u)); pair_title.append(chosen[h_len[u]:])
+    hist_user, hist_title = np.concatenate(hist_user), np.concatenate(hist_title)
+    pair_user, pair_title = np.concatenate(pair_user), np.concatenate(pair_title)
+
+    # History: rating from affinity; artwork played from, chosen by the play model itself.
+    hist_logits = sim.play_logits(cfg, members, catalog, hist_user, hist_title,
+                                  rng.normal(0, cfg.noise_std, (len(hist_user), a_per)))
+    hist_p = sim.sigmoid(hist_logits)
+    hist_choice = (hist_p.cumsum(1) / hist_p.sum(1, keepdims=True) > rng.random((len(hist_user), 1))).argmax(1)
+    hist_aff = sim.affinity(cfg, members, catalog, hist_user, hist_title)
+    ratings = np.clip(np.rint(2.6 + 0.8 * hist_aff + rng.normal(0, 0.8, len(hist_user))), 1, 5).astype(int)
+    known = rng.random(len(hist_user)) < cfg.history_artwork_known
+    hist_ts = T0 + rng.integers(0, HISTORY_DAYS * DAY, len(hist_user))
+    histories: list[list[dict]] = [[] for _ in range(cfg.num_members)]
+    for i in np.lexsort((hist_ts, hist_user)):
+        u, t = int(hist_user[i]), int(hist_title[i])
+        histories[u].append({"title_id": title_ids[t], "rating": int(ratings[i]),
+                             "artwork_id": art_ids[t][hist_choice[i]] if known[i] else None,
+                             "timestamp": int(hist_ts[i])})
+    users_tbl = pa.table({"user_id": user_ids, "history": pa.array(histories, HISTORY_TYPE)})
+
+    # Genre share per member (what production reads from the history).
+    genre_counts = np.zeros((cfg.num_members, n_themes))
+    np.add.at(genre_counts, hist_user, (catalog.title_mix[hist_title] > 0).astype(float))
+    genre_share = genre_counts / h_len[:, None]
+
+    # --- Impressions --------------------------------------------------------------------------
+    n = len(pair_user)
+    u_split = rng.random(n)
+    split = np.where(u_split < cfg.test_fraction, "test", np.where(u_split < cfg.test_fraction + cfg.val_fraction, "val", "train"))
+    uniform = (split == "test") & (rng.random(n) < cfg.random_slice_fraction)
+    p_play = sim.sigmoid(sim.play_logits(cfg, members, catalog, pair_user, pair_title,
+                                         rng.normal(0, cfg.noise_std, (n, a_per))))
+    prod = sim.production_probs(cfg, catalog, pair_title, genre_share[pair_user])
+    logging = np.where(uniform[:, None], 1.0 / a_per, prod)
+    pair_ts = T0 + HISTORY_DAYS * DAY + rng.integers(0, IMPRESSION_DAYS * DAY, n)
+    rows = {k: [] for k in ("pair", "round", "shown", "propensity", "played")}
+    active = np.ones(n, dtype=bool)
+    for r in range(cfg.max_impressions_per_pair):
+        idx = np.flatnonzero(active)
+        if not len(idx):
+            break
+        shown = (logging[idx].cumsum(1) > rng.random((len(idx), 1))).argmax(1)
+        shown = np.minimum(shown, a_per - 1)
+        played = rng.random(len(idx)) < p_play[idx, shown]
+        for k, v in (("pair", idx), ("round", np.full(len(idx), r)), ("shown", shown),
+                     ("propensity", logging[idx, shown]), ("played", played)):
+            rows[k].append(v)
+        active[idx] = ~played & (rng.random(len(idx)) < cfg.continue_prob)
+    pair_i = np.concatenate(rows["pair"]); rnd = np.concatenate(rows["round"])
+    order = np.lexsort((rnd, pair_i))
+    pair_i, rnd = pair_i[order], rnd[order]
+    shown = np.concatenate(rows["shown"])[order]
+    imp_tbl = pa.table({
+        "impression_id": _ids("i", len(pair_i)),
+        "user_id": [user_ids[u] for u in pair_user[pair_i]],
+        "title_id": [title_ids[t] for t in pair_title[pair_i]],
+        "shown_artwork_id": [art_ids[t][s] for t, s in zip(pair_title[pair_i], shown)],
+        "propensity": pa.array(np.concatenate(rows["propensity"])[order], pa.float64()),
+        "played": pa.array(np.concatenate(rows["played"])[order], pa.bool_()),
+        "timestamp": pa.array(pair_ts[pair_i] + 3600 * rnd, pa.int64()),
+        "split": split[pair_i].tolist(),
+        "logging_policy": np.where(uniform[pair_i], "uniform", "production").tolist(),
+    })
+
+    # --- Oracle: true play probability of every pair's candidates (beside the contract) -------
+    oracle_tbl = pa.table({
+        "user_id": [user_ids[u] for u in np.repeat(pair_user, a_per)],
+        "title_id": [title_ids[t] for t in np.repeat(pair_title, a_per)],
+        "artwork_id": [art_ids[t][j] for t in pair_title for j in range(a_per)],
+        "split": np.repeat(split, a_per).tolist(),
+        "p_play": pa.array(p_play.ravel(), pa.float64()),
+        "production_prob": pa.array(prod.ravel(), pa.float64()),
+    })
+
+    # --- Write: tables, then images; a rerun replaces the folder's content -----------------------
+    out.mkdir(parents=True, exist_ok=True)
+    img_dir = out / "images"
+    if img_dir.exists():
+        shutil.rmtree(img_dir)
+    img_dir.mkdir()
+    jobs = [(spec, cfg.image_width, cfg.image_height, str(out / r[2])) for spec, r in zip(specs, art_rows)]
+    workers = min(len(jobs) // 500 + 1, os.cpu_count() or 1)
+    it = (map(_render_one, jobs) if workers == 1
+          else ProcessPoolExecutor(workers).map(_render_one, jobs, chunksize=64))
+    for _ in tqdm(it, total=len(jobs), desc="render artworks", unit="img", disable=not progress):
+        pass
+    for name, tbl in (("titles", titles_tbl), ("artworks", artworks_tbl), ("users", users_tbl),
+                      ("impressions", imp_tbl), ("oracle", oracle_tbl)):
+        _write(tbl, out / f"{name}.parquet")
+
+    summary = _summary(cfg, p_play, prod, split, uniform, pair_title, pair_i, shown,
+                       np.concatenate(rows["played"])[order], logging)
+    summary["sizes"].update({"titles": cfg.num_titles, "artworks": len(art_rows), "members": cfg.num_members,
+                             "history_events": int(len(hist_user))})
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    summary["config"] = to_dict(cfg)
+    (out / "world_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _contact_sheet(cfg, catalog, specs, out)
+    return summary
+
+
+def _summary(cfg, p_play, prod, split, uniform, pair_title, pair_i, shown, played, logging) -> dict:
+    n, a_per = p_play.shape
+    test = split == "test"
+    pt = p_play[test]
+    # Popularity: per title, the artwork with the highest smoothed train play rate (one size fits all).
+    shows = np.zeros((cfg.num_titles, a_per)); plays = np.zeros((cfg.num_titles, a_per))
+    tr = split[pair_i] == "train"
+    np.add.at(shows, (pair_title[pair_i][tr], shown[tr]), 1)
+    np.add.at(plays, (pair_title[pair_i][tr], shown[tr]), played[tr])
+    pop_choice = ((plays + 0.5) / (shows + 1.0)).argmax(1)
+    rows = np.arange(int(test.sum()))
+    values = {
+        "oracle": float(pt.max(1).mean()),
+        "production": float(pt[rows, prod[test].argmax(1)].mean()),
+        "logging_policy": float((pt * prod[test]).sum(1).mean()),
+        "popularity": float(pt[rows, pop_choice[pair_title[test]]].mean()),
+        "random": float(pt.mean()),
+    }
+    imps_per_pair = np.bincount(pair_i, minlength=n)
+    sizes = {f"{s}_pairs": int((split == s).sum()) for s in ("train", "val", "test")}
+    sizes.update({f"{s}_impressions": int((split[pair_i] == s).sum()) for s in ("train", "val", "test")})
+    sizes["train_played_impressions"] = int(played[split[pair_i] == "train"].sum())
+    return {
+        "sizes": sizes,
+        "test_mean_best_minus_worst_gap": float((pt.max(1) - pt.min(1)).mean()),
+        "min_propensity": float(logging[pair_i, shown].min()),
+        "configured_propensity_floor": cfg.propensity_floor,
+        "share_pairs_with_multiple_impressions": float((imps_per_pair > 1).mean()),
+        "share_test_pairs_uniform_random": float(uniform[test].mean()),
+        "play_rate": float(played.mean()),
+        "test_policy_values": values,
+    }
+
+
+def _contact_sheet(cfg: WorldConfig, catalog: sim.Catalog, specs: list[ArtworkSpec], out: Path) -> None:
+    """24 artworks (three per theme from two titles when the world has them) to eyeball the themes."""
+    from PIL import Image
+
+    a_per = cfg.artworks_per_title
+    picks: list[int] = []
+    for k in range(len(cfg.themes)):
+        hits = [int(i) for i in np.flatnonzero(catalog.art_theme.ravel() == k)]
+        by_title: dict[int, list[int]] = {}
+        for i in hits:
+            by_title.setdefault(i // a_per, []).append(i)
+        lists = list(by_title.values())
+        # Round-robin over titles so each theme shows two titles (and three artworks) when it can.
+        chosen = [lst[r] for r in range(a_per) for lst in lists[:3] if r < len(lst)]
+        picks.extend(sorted(chosen[:3]))
+    picks = picks[:24]
+    tids = _ids("t", cfg.num_titles)
+    images, labels = [], []
+    for i in picks:
+        sp = specs[i]
+        images.append(Image.open(out / "images" / f"{tids[i // a_per]}_a{i % a_per}.png").convert("RGB"))
+        labels.append(f"{sp.theme}\n{'close-up' if sp.closeup else 'group'}, {'bright' if sp.bright else 'dark'}")
+    contact_sheet(images, labels, columns=6, cell=(cfg.image_width, cfg.image_height)).save(out / "contact_sheet.png")

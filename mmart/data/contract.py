@@ -88,6 +88,16 @@ class Contract:
             cache[table] = getattr(self, table).to_pandas()
         return cache[table]
 
+    def artwork_images(self):
+        """The artworks table with an ``image`` column decoded lazily by ``datasets.Image``.
+
+        Paths are resolved inside the dataset folder (an escaping path raises ContractError).
+        """
+        import datasets
+
+        paths = [str(self.image_path(p)) for p in self.artworks["path"]]
+        return self.artworks.add_column("image", paths).cast_column("image", datasets.Image())
+
     def image_path(self, relative: str) -> Path:
         """Resolve an artwork path inside the dataset folder; refuse anything that escapes it."""
         path = resolve_inside(self.root, relative)

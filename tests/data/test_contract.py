@@ -171,3 +171,10 @@ def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="mmart world"):
         load_contract(tmp_path / "nope")
     assert validate(tmp_path / "nope")[0].rule == "tables"
+
+
+def test_artwork_images_decode_through_datasets(tiny_world):
+    images = load_contract(tiny_world).artwork_images()
+    first = images[0]
+    assert first["image"].size == (96, 128)
+    assert first["artwork_id"] == "t0000_a0"

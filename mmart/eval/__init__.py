@@ -1,0 +1,1 @@
+"""Evaluation: off-policy estimators, metrics, baselines and the report."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Stage modules in pipeline order; each adds its subcommand(s).
@@ -17,6 +18,8 @@ STAGE_MODULES = (
     "mmart.config_cli",  # config (print a resolved config; used by scripts/train.sh)
     "mmart.data.cli",  # world, validate
     "mmart.vision.cli",  # vision, cache
+    "mmart.train.cli",  # sft, dpo, predict
+    "mmart.eval.cli",  # eval
 )
 
 
@@ -43,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch loads: idle OpenMP threads sleep instead of spinning. On 2 cores shared with
+    # DataLoader workers or another job, spinning made CPU forwards and training steps 10x slower.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -67,6 +67,11 @@ def _coerce(value: Any, tp: Any, where: str, base_dir: Path | None) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -170,6 +175,9 @@ def to_dict(obj: Any) -> Any:
 # --- The pipeline config: one section per stage (each section's dataclass lives beside its stage). ---
 
 from mmart.data.world.config import WorldConfig  # noqa: E402
+from mmart.examples import PromptConfig  # noqa: E402
+from mmart.train.config import DPOStageConfig, EvalConfig, ModelConfig, SFTStageConfig  # noqa: E402
+from mmart.vision.config import CacheConfig, VisionConfig  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -179,6 +187,20 @@ class PipelineConfig:
     world: WorldConfig = dataclasses.field(default_factory=WorldConfig)
     data_dir: str = dataclasses.field(default="data/world", metadata={"help": "Dataset folder (the contract)."})
     output_dir: str = dataclasses.field(default="outputs/default", metadata={"help": "Caches, checkpoints, reports."})
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig, metadata={
+        "help": "The open_clip tower that encodes artworks (configs/vision/*.yaml)."})
+    cache: CacheConfig = dataclasses.field(default_factory=CacheConfig, metadata={
+        "help": "How `mmart cache build` encodes and stores the artwork vectors."})
+    prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig, metadata={
+        "help": "How a decision is rendered for the LLM (history, candidates, artwork slots or captions)."})
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "LLM, projector, LoRA."})
+    sft: SFTStageConfig = dataclasses.field(default_factory=SFTStageConfig, metadata={"help": "Supervised fine-tuning."})
+    dpo: DPOStageConfig = dataclasses.field(default_factory=DPOStageConfig, metadata={"help": "Preference tuning."})
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig, metadata={"help": "Scoring and the report."})
+
+    @property
+    def cache_dir(self) -> str:
+        return self.cache.dir or f"{self.output_dir}/cache"
 
 
 # Which dataclass a YAML under configs/ holds, by its folder (top-level files are pipeline configs).
@@ -186,6 +208,7 @@ class PipelineConfig:
 CONFIG_KINDS: dict[str, str] = {
     "": "mmart.config:PipelineConfig",
     "world": "mmart.data.world.config:WorldConfig",
+    "vision": "mmart.vision.config:VisionConfig",
 }
 
 

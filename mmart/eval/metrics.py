@@ -1,0 +1,77 @@
+"""Metrics of one policy on an EvalSet, each with a bootstrap interval over member-title pairs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mmart.eval import ope
+from mmart.eval.bootstrap import Estimate, bootstrap
+from mmart.eval.policies import EvalSet
+
+
+def _expected_rr(scores: np.ndarray, mask: np.ndarray, shown: np.ndarray) -> np.ndarray:
+    """Reciprocal rank of the shown artwork, ties broken uniformly at random (in expectation)."""
+    s = np.where(mask, scores, -np.inf)
+    mine = s[np.arange(len(s)), shown][:, None]
+    greater = (s > mine).sum(1)
+    ties = (s == mine).sum(1)  # includes the shown artwork itself
+    return np.array([np.mean(1.0 / np.arange(g + 1, g + t + 1)) for g, t in zip(greater, ties)])
+
+
+def policy_metrics(es: EvalSet, probs: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                   q_hat: np.ndarray | None = None) -> dict[str, dict]:
+    """Hit rate and MRR per logging slice, IPS / SNIPS / DR on first impressions, true value."""
+    imps = es.impressions
+    out: dict[str, dict] = {}
+    played = imps[imps.played.astype(bool)]
+    for name, rows in (("uniform", played[played.logging_policy == "uniform"]),
+                       ("production", played[played.logging_policy != "uniform"])):
+        if not len(rows):
+            continue
+        pairs, shown = rows.pair.to_numpy(), rows.shown.to_numpy()
+        hit = probs[pairs, shown]
+        rr = _expected_rr(probs[pairs], es.mask[pairs], shown)
+        out[f"hit_rate_{name}"] = {**bootstrap(lambda i: hit[i].mean(), pairs, n_boot, seed=seed).as_dict(), "n": len(rows)}
+        out[f"mrr_{name}"] = {**bootstrap(lambda i: rr[i].mean(), pairs, n_boot, seed=seed).as_dict(), "n": len(rows)}
+
+    # Off-policy values on each pair's first impression: the policy's decision, before any stopping.
+    first = imps[imps["first"]]
+    pairs, shown = first.pair.to_numpy(), first.shown.to_numpy()
+    r, p = first.played.to_numpy(float), first.propensity.to_numpy(float)
+    pi = probs[pairs, shown]
+    out["ips"] = {**bootstrap(lambda i: ope.ips(r[i], p[i], pi[i]), pairs, n_boot, seed=seed).as_dict(), "n": len(first)}
+    out["snips"] = {**bootstrap(lambda i: ope.snips(r[i], p[i], pi[i]), pairs, n_boot, seed=seed).as_dict(), "n": len(first)}
+    if q_hat is not None:
+        q_logged = q_hat[pairs, shown]
+        q_target = (probs[pairs] * q_hat[pairs]).sum(1)
+        out["dr"] = {**bootstrap(lambda i: ope.dr(r[i], p[i], pi[i], q_logged[i], q_target[i]), pairs, n_boot,
+                                 seed=seed).as_dict(), "n": len(first)}
+    out["ess"] = {"value": ope.effective_sample_size(p, pi), "n": len(first)}
+    if es.p_play is not None:
+        v = (probs * es.p_play).sum(1)
+        out["true_value"] = {**bootstrap(lambda i: v[i].mean(), np.arange(es.size), n_boot, seed=seed).as_dict(),
+                             "n": es.size}
+    return out
+
+
+def relative_to(es: EvalSet, probs: np.ndarray, base: np.ndarray, top: np.ndarray | None,
+                n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """Lift over ``base`` and share of the (top - base) gap closed, by true value (paired bootstrap)."""
+    if es.p_play is None:
+        return {}
+    v, b = (probs * es.p_play).sum(1), (base * es.p_play).sum(1)
+    idx = np.arange(es.size)
+    out = {"lift": bootstrap(lambda i: (v[i].mean() - b[i].mean()) / b[i].mean(), idx, n_boot, seed=seed).as_dict()}
+    if top is not None:
+        t = (top * es.p_play).sum(1)
+        out["gap_closed"] = bootstrap(lambda i: (v[i].mean() - b[i].mean()) / max(t[i].mean() - b[i].mean(), 1e-12),
+                                      idx, n_boot, seed=seed).as_dict()
+    return out
+
+
+def verdict(est: dict) -> str:
+    """'no evidence' when the interval contains 0."""
+    return "no evidence" if est["low"] <= 0 <= est["high"] else ("better" if est["value"] > 0 else "worse")
+
+
+__all__ = ["Estimate", "policy_metrics", "relative_to", "verdict"]

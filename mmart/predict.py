@@ -1,0 +1,100 @@
+"""Choosing = one forward: every candidate's probability for each (member, title) of a split.
+
+Run as: ``mmart predict --model DIR --data DATASET --split test --out preds.parquet``
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from mmart.model.batching import pad_artwork_ids, pad_sequences
+from mmart.model.scoring import score_letters
+
+
+@torch.inference_mode()
+def score_rows(model, rows, pad_token_id: int, batch_size: int = 16, progress: bool = True) -> list[np.ndarray]:
+    """Per row, the softmax over its K letters' log-probs at the answer position (one forward per batch).
+
+    Rows are sorted by length so a batch pads little; results come back in input order.
+    """
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt_ids"]))
+    out: list[np.ndarray | None] = [None] * len(rows)
+    dev = next(model.parameters()).device
+    bar = tqdm(total=len(rows), desc="score", unit="pair", disable=not progress)
+    for s in range(0, len(order), batch_size):
+        idx = order[s: s + batch_size]
+        batch = [rows[i] for i in idx]
+        ids, mask = pad_sequences([r["prompt_ids"] for r in batch], pad_token_id)
+        arts = pad_artwork_ids([r["artwork_ids"] for r in batch])
+        k = max(len(r["letter_ids"]) for r in batch)
+        letters = torch.tensor([list(r["letter_ids"]) + [-1] * (k - len(r["letter_ids"])) for r in batch])
+        has_art = bool((arts >= 0).any())
+        logp = score_letters(model, ids.to(dev), mask.to(dev), arts.to(dev) if has_art else None, letters)
+        probs = torch.softmax(logp, dim=-1).cpu().numpy()
+        for j, i in enumerate(idx):
+            out[i] = probs[j, : len(batch[j]["letter_ids"])]
+        bar.update(len(idx))
+    bar.close()
+    return out  # type: ignore[return-value]
+
+
+def predictions_frame(examples, probs, impressions: pd.DataFrame) -> pd.DataFrame:
+    """One row per impression of the scored pairs: candidates, their probabilities, the choice."""
+    per_pair = {}
+    for ex, p in zip(examples, probs):
+        per_pair[(ex.user_id, ex.title_id)] = (list(ex.candidates), [float(x) for x in p])
+    rows = []
+    for r in impressions.itertuples(index=False):
+        hit = per_pair.get((r.user_id, r.title_id))
+        if hit is None:
+            continue
+        cands, p = hit
+        best = int(np.argmax(p))
+        rows.append({
+            "impression_id": r.impression_id, "user_id": r.user_id, "title_id": r.title_id,
+            "candidates": cands, "probs": p, "choice": cands[best], "choice_prob": p[best],
+            "shown_artwork_id": r.shown_artwork_id, "shown_prob": p[cands.index(r.shown_artwork_id)],
+            "played": bool(r.played), "propensity": float(r.propensity), "split": r.split,
+            "logging_policy": getattr(r, "logging_policy", None),
+        })
+    return pd.DataFrame(rows)
+
+
+def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | Path | None,
+            cfg=None, batch_size: int = 16, max_pairs: int = 0, seed: int = 0, progress: bool = True) -> pd.DataFrame:
+    """Load a saved chooser and score every member-title pair of ``split``; write Parquet if ``out``."""
+    import yaml
+
+    from mmart.config import PipelineConfig, _from_dict
+    from mmart.model.checkpoint import load_chooser
+    from mmart.model.chooser import set_artwork_cache
+    from mmart.train.common import device, load_inputs
+    from mmart.train.data import cache_rows, choice_dataset, subsample
+
+    start = time.perf_counter()
+    model_dir = Path(model_dir)
+    if cfg is None:  # the prompt and cache settings the model was trained with
+        saved = model_dir / "pipeline.yaml"
+        cfg = _from_dict(PipelineConfig, yaml.safe_load(saved.read_text()), str(saved), None) if saved.is_file() \
+            else PipelineConfig()
+    inputs = load_inputs(cfg, str(data_dir), check=False)
+    model, tokenizer, _ = load_chooser(model_dir, device=device())
+    if inputs.cache is not None:
+        set_artwork_cache(model, inputs.cache.embeddings)
+    examples = subsample(inputs.builder.pair_examples(split), max_pairs, seed)
+    rows = choice_dataset(inputs.builder, examples, tokenizer, cache_rows(inputs.cache)).to_list()
+    probs = score_rows(model, rows, tokenizer.pad_token_id, batch_size, progress)
+    imps = inputs.contract.frame("impressions")
+    frame = predictions_frame(examples, probs, imps[imps.split == split])
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        frame.to_parquet(out, index=False)
+    if progress:
+        print(f"[mmart predict] {len(examples)} pairs, {len(frame)} impressions in {time.perf_counter() - start:.0f}s")
+    return frame

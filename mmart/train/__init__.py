@@ -1,0 +1,1 @@
+"""Post-training on TRL: SFT, then DPO (the standard DPOTrainer path and the shared-prompt fast path)."""

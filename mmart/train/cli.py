@@ -1,0 +1,84 @@
+"""``mmart sft``, ``mmart dpo`` and ``mmart predict``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="configs/default.yaml", help="pipeline config YAML (default: configs/default.yaml)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. --set sft.max_examples=100 model.lora_r=8")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sft", help="supervised fine-tuning: answer with the played artwork's letter (LoRA + projector)",
+        description=(
+            "Fine-tune the chooser (LLM + artwork projector, LoRA via PEFT) on TRL's SFTTrainer to answer each "
+            "played train impression with the played artwork's letter (loss on the letter only; candidate order "
+            "shuffled per example). Checkpoints every sft.save_steps under <output_dir>/sft/checkpoints and "
+            "resumes from the last one; writes <output_dir>/sft/model (adapter, projector, tokenizer, curves.png)."
+        ))
+    _config_args(p)
+    p.set_defaults(func=_sft)
+
+    d = sub.add_parser(
+        "dpo", help="preference tuning after SFT: played artwork over shown-and-not-played ones",
+        description=(
+            "DPO on top of the SFT model (merged; the reference is the SFT model itself). dpo.method=fast scores "
+            "every candidate letter in one shared forward (policy and reference); dpo.method=trl runs TRL's "
+            "DPOTrainer on (chosen, rejected) pairs. Resumes from <output_dir>/dpo/checkpoints; writes "
+            "<output_dir>/dpo/model."
+        ))
+    _config_args(d)
+    d.add_argument("--sft-model", help="SFT chooser folder (default: <output_dir>/sft/model)")
+    d.set_defaults(func=_dpo)
+
+    r = sub.add_parser(
+        "predict", help="score every candidate of each member-title pair in one forward",
+        description=(
+            "Load a saved chooser and score each member-title pair of a split with one forward pass (the "
+            "probabilities of the candidate letters at the answer position). Writes one row per impression: "
+            "candidates, their probabilities, the choice, the shown artwork's probability. Uses the prompt and "
+            "cache settings saved with the model (pipeline.yaml) unless --config is given."
+        ))
+    r.add_argument("--model", required=True, help="saved chooser folder, e.g. outputs/default/dpo/model")
+    r.add_argument("--data", required=True, help="dataset folder")
+    r.add_argument("--split", default="test", choices=["train", "val", "test"])
+    r.add_argument("--out", required=True, help="Parquet file to write")
+    r.add_argument("--config", help="pipeline config (default: the one saved with the model)")
+    r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides on --config")
+    r.add_argument("--batch-size", type=int, default=16)
+    r.add_argument("--max-pairs", type=int, default=0, help="score a seeded sample of this many pairs (0 = all)")
+    r.set_defaults(func=_predict)
+
+
+def _load(args):
+    from mmart.config import PipelineConfig, load_config
+
+    return load_config(PipelineConfig, args.config, args.set)
+
+
+def _sft(args) -> int:
+    from mmart.train.sft import run_sft
+
+    run_sft(_load(args))
+    return 0
+
+
+def _dpo(args) -> int:
+    from mmart.train.dpo import run_dpo
+
+    run_dpo(_load(args), sft_model_dir=args.sft_model)
+    return 0
+
+
+def _predict(args) -> int:
+    from mmart.predict import predict
+
+    cfg = _load(args) if args.config else None
+    frame = predict(args.model, args.data, args.split, args.out, cfg=cfg, batch_size=args.batch_size,
+                    max_pairs=args.max_pairs)
+    print(f"wrote {args.out}: {len(frame)} impressions")
+    return 0

@@ -1,0 +1,119 @@
+"""What SFT, DPO and scoring share: loading the stage inputs, trainer arguments, optimizer groups, curves."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmart.config import PipelineConfig
+from mmart.data.contract import Contract, load_contract
+from mmart.examples import ExampleBuilder
+from mmart.model.chooser import PROJECTOR_ATTR
+
+
+@dataclass
+class StageInputs:
+    contract: Contract
+    builder: ExampleBuilder
+    cache: Any  # ArtworkCache or None (caption prompts need none)
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_inputs(cfg: PipelineConfig, data_dir: str | None = None, check: bool = True) -> StageInputs:
+    """The contract, the example builder, and (for artwork slots) the verified cache on the device."""
+    contract = load_contract(data_dir or cfg.data_dir, check=check)
+    cache = None
+    if cfg.prompt.artwork_input == "embeddings":
+        from mmart.vision.store import ArtworkCache
+
+        cache = ArtworkCache.load(cfg.cache_dir, device(), expect=cfg.vision,
+                                  tokens_per_artwork=cfg.cache.tokens_per_artwork)
+    return StageInputs(contract, ExampleBuilder(contract, cfg.prompt, cfg.cache.tokens_per_artwork), cache)
+
+
+def report_to() -> str:
+    """TensorBoard when it is installed, else nothing (logs still reach trainer_state.json)."""
+    return "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
+
+
+def common_args(stage_cfg: Any, out_dir: Path) -> dict[str, Any]:
+    """TrainingArguments fields every stage sets the same way."""
+    on_gpu = torch.cuda.is_available()
+    return dict(
+        output_dir=str(out_dir / "checkpoints"),
+        num_train_epochs=stage_cfg.epochs,
+        per_device_train_batch_size=stage_cfg.batch_size,
+        gradient_accumulation_steps=stage_cfg.grad_accum,
+        learning_rate=stage_cfg.lr,
+        warmup_steps=stage_cfg.warmup_ratio,
+        lr_scheduler_type="cosine",
+        logging_steps=stage_cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=stage_cfg.save_steps,
+        save_total_limit=2,
+        seed=stage_cfg.seed,
+        data_seed=stage_cfg.seed,
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        use_cpu=not on_gpu,
+        gradient_checkpointing=stage_cfg.gradient_checkpointing,
+        report_to=report_to(),
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+class ProjectorLRMixin:
+    """Give the (new, randomly initialised) projector its own learning rate; LoRA keeps ``learning_rate``."""
+
+    projector_lr: float | None = None
+
+    def create_optimizer(self, model=None):  # noqa: D102 - transformers' hook
+        if self.optimizer is not None or self.projector_lr is None:
+            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+        model = model if model is not None else self.model
+        proj, rest = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (proj if PROJECTOR_ATTR in name else rest).append(p)
+        groups = [{"params": rest, "lr": self.args.learning_rate, "weight_decay": self.args.weight_decay},
+                  {"params": proj, "lr": self.projector_lr, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.args.learning_rate)
+        return self.optimizer
+
+
+def last_checkpoint(out_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = out_dir / "checkpoints"
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def save_curves(log_history: list[dict], path: Path, keys: tuple[str, ...]) -> Path | None:
+    """A PNG of the training curves (loss, and for DPO the reward margin), beside the model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {k: [(h["step"], h[k]) for h in log_history if k in h and "step" in h] for k in keys}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.2), squeeze=False)
+    for ax, (k, pts) in zip(axes[0], series.items()):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
+        ax.set_title(k); ax.set_xlabel("step"); ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    (path.with_suffix(".json")).write_text(json.dumps(series, indent=1))
+    return path

@@ -1,0 +1,93 @@
+"""DPO after SFT: chosen = the played artwork, rejected = shown-and-not-played (else the others).
+
+Run as: ``mmart dpo --config configs/default.yaml`` (resumes from its last checkpoint).
+
+The SFT chooser is exported merged (``<out>/sft/merged``) and becomes DPO's base: a
+fresh LoRA adapter trains on top, and the reference model is that adapter disabled, i.e.
+exactly the SFT model. ``dpo.method: fast`` (the default, for single-letter answers) scores
+every candidate letter with one policy and one reference forward over the shared prompt;
+``dpo.method: trl`` runs TRL's ``DPOTrainer`` on (chosen, rejected) pairs, so every TRL loss
+variant stays available. The two give the same sigmoid loss (tests/train/test_dpo_fast.py).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+
+from mmart.config import PipelineConfig
+from mmart.model.checkpoint import add_lora, export_merged, load_chooser, lora_config, read_spec, save_chooser
+from mmart.model.chooser import set_artwork_cache
+from mmart.train.common import ProjectorLRMixin, common_args, device, last_checkpoint, load_inputs, save_curves
+from mmart.train.data import cache_rows, choice_dataset, subsample
+from mmart.train.dpo_fast import (
+    FastDPOConfig,
+    MultimodalDPOTrainer,
+    MultipleChoiceCollator,
+    MultipleChoiceDPOTrainer,
+    expand_to_pairs,
+)
+from mmart.train.sft import _yaml
+
+
+class FastTrainer(ProjectorLRMixin, MultipleChoiceDPOTrainer):
+    pass
+
+
+class TRLTrainer(ProjectorLRMixin, MultimodalDPOTrainer):
+    pass
+
+
+def merged_sft(sft_model_dir: Path) -> Path:
+    """The SFT chooser as a standalone merged folder (made once; DPO's base and reference)."""
+    merged = sft_model_dir.parent / "merged"
+    if not (merged / "mmart_chooser.json").is_file():
+        print(f"[mmart dpo] merging the SFT adapter into {merged}")
+        tmp = merged.with_name(".merged-tmp")
+        export_merged(sft_model_dir, tmp)
+        tmp.rename(merged)
+    return merged
+
+
+def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_dir: str | Path | None = None) -> Path:
+    out = Path(out_dir or f"{cfg.output_dir}/dpo")
+    sft_dir = Path(sft_model_dir or f"{cfg.output_dir}/sft/model")
+    read_spec(sft_dir)  # a clear error when SFT has not run
+    start = time.perf_counter()
+    base = merged_sft(sft_dir).resolve()
+    inputs = load_inputs(cfg)
+    model, tokenizer, _ = load_chooser(base, device=device())
+    torch.manual_seed(cfg.model.seed)
+    m = cfg.model
+    model = add_lora(model, lora_config(m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target))
+    if inputs.cache is not None:
+        set_artwork_cache(model, inputs.cache.embeddings)
+    examples = subsample(inputs.builder.preference_examples("train"), cfg.dpo.max_examples, cfg.dpo.seed)
+    rows = choice_dataset(inputs.builder, examples, tokenizer, cache_rows(inputs.cache))
+    d = cfg.dpo
+    if d.method == "fast":
+        args = FastDPOConfig(**common_args(d, out), beta=d.beta, loss_type=d.loss_type,
+                             label_smoothing=d.label_smoothing, **d.extra)
+        trainer = FastTrainer(model=model, args=args, train_dataset=rows,
+                              data_collator=MultipleChoiceCollator(pad_token_id=tokenizer.pad_token_id))
+    else:
+        from trl import DPOConfig
+
+        pairs = Dataset.from_list(list(expand_to_pairs(rows.to_list())))
+        args = DPOConfig(**common_args(d, out), beta=d.beta, loss_type=[d.loss_type], label_smoothing=d.label_smoothing,
+                         max_length=None, **d.extra)
+        trainer = TRLTrainer(model, args=args, train_dataset=pairs, processing_class=tokenizer)
+    trainer.projector_lr = d.projector_lr
+    resume = last_checkpoint(out)
+    if resume:
+        print(f"[mmart dpo] resuming from {resume}")
+    print(f"[mmart dpo] {len(rows)} preference examples ({d.method} path), beta {d.beta}")
+    trainer.train(resume_from_checkpoint=resume)
+    model_dir = save_chooser(trainer.model, tokenizer, out / "model", base_model=str(base))
+    (model_dir / "pipeline.yaml").write_text(_yaml(cfg))
+    save_curves(trainer.state.log_history, model_dir / "curves.png", ("loss", "rewards/margins", "rewards/accuracies"))
+    print(f"[mmart dpo] saved {model_dir} in {time.perf_counter() - start:.0f}s")
+    return model_dir

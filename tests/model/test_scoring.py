@@ -1,0 +1,72 @@
+"""Choosing = one forward: equal to K forwards over prompt + letter, under either padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmart.model.batching import pad_artwork_ids, pad_sequences
+from mmart.model.scoring import answer_positions, letter_token_ids, score_letters
+from mmart.model.testing import tiny_chooser, tiny_prompt_ids
+
+T = 2
+
+
+def _examples(tokenizer):
+    prompts = [
+        tiny_prompt_ids(tokenizer, 4, T),
+        tiny_prompt_ids(tokenizer, 3, T, history="Heat, crime."),
+        tiny_prompt_ids(tokenizer, 4, T, history="Recently played: The Crown (drama, history), Alien (horror)."),
+    ]
+    artworks = [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9, 10]]
+    return prompts, artworks
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_one_forward_equals_one_forward_per_candidate_letter(arch: str) -> None:
+    model, tokenizer = tiny_chooser(arch, tokens_per_artwork=T)
+    prompts, artworks = _examples(tokenizer)
+    letters = letter_token_ids(tokenizer, 4)
+    input_ids, attention_mask = pad_sequences(prompts, tokenizer.pad_token_id, side="right")
+    with torch.no_grad():
+        scores = score_letters(model, input_ids, attention_mask, pad_artwork_ids(artworks), letters)
+        for b, (prompt, rows) in enumerate(zip(prompts, artworks)):
+            for k, letter in enumerate(letters.tolist()):
+                ids = torch.tensor([prompt + [letter]])
+                logits = model(input_ids=ids, artwork_ids=torch.tensor([rows])).logits
+                expected = logits[0, -2].log_softmax(-1)[letter]
+                torch.testing.assert_close(scores[b, k], expected, rtol=0, atol=1e-5)
+
+
+def test_left_and_right_padding_score_the_same() -> None:
+    model, tokenizer = tiny_chooser("llama", tokens_per_artwork=T)
+    prompts, artworks = _examples(tokenizer)
+    letters = letter_token_ids(tokenizer, 4)
+    artwork_ids = pad_artwork_ids(artworks)
+    with torch.no_grad():
+        right = score_letters(model, *pad_sequences(prompts, tokenizer.pad_token_id, "right"), artwork_ids, letters)
+        left = score_letters(model, *pad_sequences(prompts, tokenizer.pad_token_id, "left"), artwork_ids, letters)
+    torch.testing.assert_close(left, right, rtol=0, atol=1e-5)
+
+
+def test_rows_with_fewer_candidates_get_minus_infinity() -> None:
+    model, tokenizer = tiny_chooser("llama", tokens_per_artwork=T)
+    prompts, artworks = _examples(tokenizer)
+    letters = letter_token_ids(tokenizer, 4)
+    per_row = letters.repeat(3, 1)
+    per_row[1, 3] = -1  # the second prompt has 3 candidates
+    with torch.no_grad():
+        batch = pad_sequences(prompts, tokenizer.pad_token_id)
+        scores = score_letters(model, *batch, pad_artwork_ids(artworks), per_row)
+        shared = score_letters(model, *batch, pad_artwork_ids(artworks), letters)
+    assert scores[1, 3] == float("-inf")
+    torch.testing.assert_close(scores[:, :3], shared[:, :3])
+
+
+def test_answer_positions_and_letter_tokens() -> None:
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1], [1, 1, 1, 1]])
+    assert answer_positions(mask).tolist() == [2, 3, 3]
+    tokenizer = tiny_chooser("llama")[1]
+    assert len(letter_token_ids(tokenizer, 8).unique()) == 8
+    with pytest.raises(ValueError, match="must be one"):
+        letter_token_ids(tokenizer, ["Alien horror"])

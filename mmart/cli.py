@@ -20,6 +20,7 @@ STAGE_MODULES = (
     "mmart.vision.cli",  # vision, cache
     "mmart.train.cli",  # sft, dpo, predict
     "mmart.eval.cli",  # eval
+    "mmart.review.cli",
 )
 
 

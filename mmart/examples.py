@@ -35,6 +35,9 @@ class PromptConfig:
     history_token_budget: int = field(default=320, metadata={"help": "Drop the oldest history lines past this many tokens."})
     shuffle_seed: int = field(default=0, metadata={"help": "Candidate order is shuffled per example with this seed."})
     synopsis: bool = field(default=True, metadata={"help": "Include the title's synopsis."})
+    repeat_letter: bool = field(default=True, metadata={
+        "help": "Write each candidate's letter again after its slots ('A: <artwork> A'), so a letter token can "
+                "attend to its own artwork (causal attention only looks back)."})
     names: bool = field(default=True, metadata={
         "help": "Include title names; off shortens prompts ~2x (the demo world's names only restate genres)."})
 
@@ -162,7 +165,7 @@ class ExampleBuilder:
         cand_lines = []
         for letter, aid in zip(LETTERS, ex.candidates):
             art_text, art_ids = self._artwork_text(aid)
-            cand_lines.append(f"{letter}: {art_text}")
+            cand_lines.append(f"{letter}: {art_text} {letter}" if self.cfg.repeat_letter else f"{letter}: {art_text}")
             arts.extend(art_ids)
         title = f'Title: "{t.name}" ({", ".join(t.genres)})' if self.cfg.names else f"Title: {', '.join(t.genres)}"
         if self.cfg.synopsis and getattr(t, "synopsis", None):

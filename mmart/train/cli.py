@@ -12,6 +12,16 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    i = sub.add_parser(
+        "init", help="save the untrained chooser (zero-shot baseline): LLM + stage-0 aligned projector",
+        description=(
+            "Build the chooser SFT starts from (the LLM, a projector aligned to the LLM's embeddings of each "
+            "artwork's tags, a zero LoRA adapter) and save it to <output_dir>/init/model: the untrained "
+            "(zero-shot) baseline that `mmart predict` and `mmart eval` score beside the trained model."
+        ))
+    _config_args(i)
+    i.set_defaults(func=_init)
+
     p = sub.add_parser(
         "sft", help="supervised fine-tuning: answer with the played artwork's letter (LoRA + projector)",
         description=(
@@ -58,6 +68,22 @@ def _load(args):
     from mmart.config import PipelineConfig, load_config
 
     return load_config(PipelineConfig, args.config, args.set)
+
+
+def _init(args) -> int:
+    from pathlib import Path
+
+    from mmart.model.checkpoint import save_chooser
+    from mmart.train.common import load_inputs
+    from mmart.train.sft import _yaml, build_model
+
+    cfg = _load(args)
+    inputs = load_inputs(cfg)
+    model, tokenizer = build_model(cfg, inputs.cache, inputs.contract)
+    out = save_chooser(model, tokenizer, Path(cfg.output_dir) / "init" / "model")
+    (out / "pipeline.yaml").write_text(_yaml(cfg))
+    print(f"[mmart init] saved {out}")
+    return 0
 
 
 def _sft(args) -> int:

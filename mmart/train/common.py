@@ -63,7 +63,7 @@ def common_args(stage_cfg: Any, out_dir: Path) -> dict[str, Any]:
         data_seed=stage_cfg.seed,
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         use_cpu=not on_gpu,
-        gradient_checkpointing=stage_cfg.gradient_checkpointing,
+        activation_checkpointing=stage_cfg.gradient_checkpointing,
         report_to=report_to(),
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -88,6 +88,18 @@ class ProjectorLRMixin:
                   {"params": proj, "lr": self.projector_lr, "weight_decay": 0.0}]
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.args.learning_rate)
         return self.optimizer
+
+
+def trainable_digest(model: torch.nn.Module) -> str:
+    """sha256 of the trainable weights: equal across DDP ranks, and across a resumed and an uninterrupted run."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def last_checkpoint(out_dir: Path) -> str | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 
 @dataclass
@@ -17,7 +17,9 @@ class ModelConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "Only for a base model that needs its own code."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank; higher = more capacity and memory."})
     lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    lora_dropout: float = field(default=0.0, metadata={
+        "help": "LoRA dropout. 0 keeps resume bit-exact: with dropout, transformers' resume replays a different "
+                "dropout mask (LoRA weights then differ by ~2e-4 from an uninterrupted run)."})
     lora_target: str = field(default="all-linear", metadata={"help": "PEFT target_modules."})
     seed: int = field(default=0, metadata={"help": "Seeds the projector init (so a resumed run rebuilds the same base)."})
     projector_init: Literal["random", "tags", "caption"] = field(default="tags", metadata={
@@ -33,6 +35,9 @@ class SFTStageConfig:
     grad_accum: int = 1
     lr: float = field(default=2e-4, metadata={"help": "LoRA learning rate."})
     projector_lr: float = field(default=1e-3, metadata={"help": "The projector is new: it learns faster than LoRA."})
+    propensity_clip: Optional[float] = field(default=10.0, metadata={
+        "help": "Draw training examples with probability ~ min(1/propensity, clip) (importance resampling "
+                "against the serving policy's bias); null = uniform draw."})
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps (resume point)."})

@@ -32,11 +32,20 @@ def cache_rows(cache) -> RowsOf:
     return rows_of
 
 
-def subsample(examples: list[Example], n: int, seed: int) -> list[Example]:
-    """A seeded sample of ``n`` examples (all when n <= 0 or n >= len)."""
+def subsample(examples: list[Example], n: int, seed: int, propensity_clip: float | None = None) -> list[Example]:
+    """A seeded sample of ``n`` examples (all when n <= 0 or n >= len).
+
+    With ``propensity_clip``, examples are drawn with probability proportional to
+    min(1 / propensity, clip): importance resampling, so training on logs of a biased
+    serving policy targets what members play, not what that policy liked to show.
+    """
     if n <= 0 or n >= len(examples):
         return examples
-    pick = np.sort(np.random.default_rng(seed).choice(len(examples), n, replace=False))
+    p = None
+    if propensity_clip is not None:
+        w = np.array([min(1.0 / (e.propensity or 1.0), propensity_clip) for e in examples])
+        p = w / w.sum()
+    pick = np.sort(np.random.default_rng(seed).choice(len(examples), n, replace=False, p=p))
     return [examples[i] for i in pick]
 
 

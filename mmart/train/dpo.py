@@ -19,9 +19,18 @@ import torch
 from datasets import Dataset
 
 from mmart.config import PipelineConfig
+from mmart.distributed import distributed_state
 from mmart.model.checkpoint import add_lora, export_merged, load_chooser, lora_config, read_spec, save_chooser
 from mmart.model.chooser import set_artwork_cache
-from mmart.train.common import ProjectorLRMixin, common_args, device, last_checkpoint, load_inputs, save_curves
+from mmart.train.common import (
+    ProjectorLRMixin,
+    common_args,
+    device,
+    last_checkpoint,
+    load_inputs,
+    save_curves,
+    trainable_digest,
+)
 from mmart.train.data import cache_rows, choice_dataset, subsample
 from mmart.train.dpo_fast import (
     FastDPOConfig,
@@ -57,7 +66,8 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
     sft_dir = Path(sft_model_dir or f"{cfg.output_dir}/sft/model")
     read_spec(sft_dir)  # a clear error when SFT has not run
     start = time.perf_counter()
-    base = merged_sft(sft_dir).resolve()
+    with distributed_state().main_process_first():  # one process merges; the others then read it
+        base = merged_sft(sft_dir).resolve()
     inputs = load_inputs(cfg)
     model, tokenizer, _ = load_chooser(base, device=device())
     torch.manual_seed(cfg.model.seed)
@@ -86,8 +96,12 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
         print(f"[mmart dpo] resuming from {resume}")
     print(f"[mmart dpo] {len(rows)} preference examples ({d.method} path), beta {d.beta}")
     trainer.train(resume_from_checkpoint=resume)
-    model_dir = save_chooser(trainer.model, tokenizer, out / "model", base_model=str(base))
-    (model_dir / "pipeline.yaml").write_text(_yaml(cfg))
-    save_curves(trainer.state.log_history, model_dir / "curves.png", ("loss", "rewards/margins", "rewards/accuracies"))
-    print(f"[mmart dpo] saved {model_dir} in {time.perf_counter() - start:.0f}s")
+    print(f"[mmart dpo] rank {trainer.args.process_index} trainable weights sha256 {trainable_digest(trainer.model)}")
+    model_dir = out / "model"
+    if trainer.is_world_process_zero():
+        save_chooser(trainer.model, tokenizer, model_dir, base_model=str(base))
+        (model_dir / "pipeline.yaml").write_text(_yaml(cfg))
+        save_curves(trainer.state.log_history, model_dir / "curves.png",
+                    ("loss", "rewards/margins", "rewards/accuracies"))
+        print(f"[mmart dpo] saved {model_dir} in {time.perf_counter() - start:.0f}s")
     return model_dir

@@ -14,11 +14,19 @@ from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from mmart.config import PipelineConfig, to_dict
+from mmart.distributed import distributed_state
 from mmart.model.batching import pad_artwork_ids
-from mmart.model.checkpoint import add_lora, build_chooser, lora_config, save_chooser
+from mmart.model.checkpoint import add_lora, build_chooser, lora_config, resolve_base_model, save_chooser
 from mmart.model.chooser import chooser_projector, set_artwork_cache
 from mmart.train.align import align_projector, word_targets
-from mmart.train.common import ProjectorLRMixin, common_args, last_checkpoint, load_inputs, save_curves
+from mmart.train.common import (
+    ProjectorLRMixin,
+    common_args,
+    last_checkpoint,
+    load_inputs,
+    save_curves,
+    trainable_digest,
+)
 from mmart.train.data import cache_rows, sft_dataset, subsample
 
 
@@ -39,8 +47,9 @@ class ArtworkSFTTrainer(ProjectorLRMixin, SFTTrainer):
 def build_model(cfg: PipelineConfig, cache=None, contract=None):
     """A fresh chooser with LoRA. Seeded (projector init and its stage-0 alignment), so a resumed run
     rebuilds exactly the same base before loading the checkpoint."""
-    torch.manual_seed(cfg.model.seed)
     m = cfg.model
+    resolve_base_model(m.base_model)  # first use converts or builds it (and touches the RNG): before seeding
+    torch.manual_seed(m.seed)
     model, tokenizer = build_chooser(m.base_model, cache.dim if cache is not None else 8, m.projector, m.dtype,
                                      m.attn_implementation, m.trust_remote_code)
     if cache is not None:
@@ -54,19 +63,22 @@ def build_model(cfg: PipelineConfig, cache=None, contract=None):
     return add_lora(model, lora_config(m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target)), tokenizer
 
 
-def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None) -> Path:
+def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: list | None = None) -> Path:
     """Train, save the chooser to ``<out>/model`` and the curves to ``<out>/model/curves.png``."""
     out = Path(out_dir or f"{cfg.output_dir}/sft")
     start = time.perf_counter()
+    distributed_state()  # before the Trainer: CPU processes join one gloo group
     inputs = load_inputs(cfg)
-    examples = subsample(inputs.builder.choice_examples("train"), cfg.sft.max_examples, cfg.sft.seed)
+    examples = subsample(inputs.builder.choice_examples("train"), cfg.sft.max_examples, cfg.sft.seed,
+                         cfg.sft.propensity_clip)
     model, tokenizer = build_model(cfg, inputs.cache, inputs.contract)
     data = sft_dataset(inputs.builder, examples, tokenizer, cache_rows(inputs.cache))
     args = SFTConfig(**common_args(cfg.sft, out), max_length=None, packing=False,
                      dataset_kwargs={"skip_prepare_dataset": True}, weight_decay=cfg.sft.weight_decay,
                      **cfg.sft.extra)
     trainer = ArtworkSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                                data_collator=ArtworkSFTCollator(pad_token_id=tokenizer.pad_token_id))
+                                data_collator=ArtworkSFTCollator(pad_token_id=tokenizer.pad_token_id),
+                                callbacks=callbacks)
     trainer.projector_lr = cfg.sft.projector_lr
     resume = last_checkpoint(out)
     if resume:
@@ -74,10 +86,14 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None) -> Path:
     print(f"[mmart sft] {len(data)} examples, {trainer.args.num_train_epochs} epoch(s), batch "
           f"{cfg.sft.batch_size}x{cfg.sft.grad_accum}")
     trainer.train(resume_from_checkpoint=resume)
-    model_dir = save_chooser(trainer.model, tokenizer, out / "model")
-    (model_dir / "pipeline.yaml").write_text(_yaml(cfg))
-    save_curves(trainer.state.log_history, model_dir / "curves.png", ("loss", "grad_norm", "learning_rate"))
-    print(f"[mmart sft] saved {model_dir} in {time.perf_counter() - start:.0f}s")
+    rank = trainer.args.process_index
+    print(f"[mmart sft] rank {rank} trainable weights sha256 {trainable_digest(trainer.model)}")
+    model_dir = out / "model"
+    if trainer.is_world_process_zero():
+        save_chooser(trainer.model, tokenizer, model_dir)
+        (model_dir / "pipeline.yaml").write_text(_yaml(cfg))
+        save_curves(trainer.state.log_history, model_dir / "curves.png", ("loss", "grad_norm", "learning_rate"))
+        print(f"[mmart sft] saved {model_dir} in {time.perf_counter() - start:.0f}s")
     return model_dir
 
 

@@ -154,12 +154,12 @@ def build_cache(data_dir: str | Path, cache_dir: str | Path, vision: VisionConfi
     tower; ``on_shard_written(index)`` is called after each shard is safely on disk (tests use
     it to kill a build part-way).
     """
-    from accelerate import PartialState
+    from mmart.distributed import distributed_state
 
     from mmart.data.contract import load_contract
 
     start = time.perf_counter()
-    state = PartialState()
+    state = distributed_state()
     device = state.device if cache.device == "auto" else torch.device(cache.device)
     if device.type == "cpu":
         keep_freed_memory()

@@ -151,9 +151,9 @@ def _build(args: argparse.Namespace) -> int:
     out = _cache_dir(cfg, args.out)
     r = build_cache(args.data or cfg.data_dir, out, cfg.vision, cfg.cache, overwrite=args.overwrite,
                     progress=not args.no_progress)
-    from accelerate import PartialState
+    from mmart.distributed import distributed_state
 
-    if PartialState().is_main_process:
+    if distributed_state().is_main_process:
         print(f"cache {out}: {r.rows} artworks; encoded {r.encoded} now ({r.images_per_second:.0f} images/s), "
               f"kept {r.kept} from earlier runs, {r.shards_written} shard(s) written, {r.seconds:.1f} s")
         for b in r.bad:

@@ -1,0 +1,136 @@
+"""SFT -> DPO -> predict -> eval on the tiny world with a tiny random LLM: resume, 2 processes, round trips."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from mmart.config import CONFIG_ROOT, PipelineConfig, load_config
+from mmart.vision.cache import build_cache
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    path = tmp_path_factory.mktemp("mmart_home")
+    mp.setenv("MMART_HOME", str(path))
+    yield path
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_world, tmp_path_factory, home) -> PipelineConfig:
+    out = tmp_path_factory.mktemp("run")
+    c = load_config(PipelineConfig, CONFIG_ROOT / "smoke.yaml", [
+        f"data_dir={tiny_world}", f"output_dir={out}", "sft.max_examples=12", "sft.batch_size=3",
+        "sft.save_steps=2", "dpo.max_examples=6", "dpo.batch_size=3", "sft.logging_steps=1"])
+    build_cache(tiny_world, c.cache_dir, c.vision, c.cache, progress=False)
+    return c
+
+
+def with_out(c: PipelineConfig, out: Path) -> PipelineConfig:
+    return replace(c, output_dir=str(out), cache=replace(c.cache, dir=c.cache_dir))
+
+
+def digest_line(text: str, stage: str = "sft") -> dict[int, str]:
+    return {int(r): d for r, d in re.findall(rf"\[mmart {stage}\] rank (\d+) trainable weights sha256 (\w+)", text)}
+
+
+class Interrupt(TrainerCallback):
+    """Simulates a crash after the step-2 checkpoint was written."""
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == 3:
+            raise KeyboardInterrupt("simulated crash")
+
+
+def test_interrupted_sft_resumes_to_the_same_weights(cfg, tmp_path, capfd):
+    from mmart.train.sft import run_sft
+
+    run_sft(with_out(cfg, tmp_path / "whole"))
+    whole = digest_line(capfd.readouterr().out)[0]
+    broken = with_out(cfg, tmp_path / "broken")
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(broken, callbacks=[Interrupt()])
+    assert (tmp_path / "broken" / "sft" / "checkpoints" / "checkpoint-2").is_dir()
+    assert not (tmp_path / "broken" / "sft" / "model").exists()
+    capfd.readouterr()
+    run_sft(broken)
+    out = capfd.readouterr().out
+    assert "resuming from" in out
+    assert digest_line(out)[0] == whole
+
+
+def test_sft_dpo_predict_eval(cfg, tmp_path):
+    from mmart.eval.report import evaluate
+    from mmart.model.checkpoint import load_chooser
+    from mmart.predict import predict
+    from mmart.train.dpo import run_dpo
+    from mmart.train.sft import run_sft
+
+    c = with_out(cfg, tmp_path)
+    sft_dir = run_sft(c)
+    assert (sft_dir / "curves.png").is_file() and (sft_dir / "adapter_model.safetensors").is_file()
+    dpo_dir = run_dpo(c)
+    assert (tmp_path / "sft" / "merged" / "mmart_chooser.json").is_file()
+    assert (dpo_dir / "curves.png").is_file()
+
+    preds = predict(dpo_dir, c.data_dir, "test", tmp_path / "p.parquet", progress=False)
+    assert np.allclose([sum(p) for p in preds.probs], 1.0, atol=1e-5)
+    assert set(preds.choice) <= {a for c_ in preds.candidates for a in c_}
+    again = predict(dpo_dir, c.data_dir, "test", None, progress=False)  # a fresh load scores identically
+    assert [list(p) for p in again.probs] == [list(p) for p in preds.probs]
+
+    # The DPO reference (adapter disabled) is exactly the merged SFT model.
+    dpo_model, tok, _ = load_chooser(dpo_dir)
+    sft_model, _, _ = load_chooser(tmp_path / "sft" / "merged")
+    ids = torch.tensor([tok("hello world", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad(), dpo_model.disable_adapter():
+        ref = dpo_model(input_ids=ids).logits
+    torch.testing.assert_close(ref, sft_model(input_ids=ids).logits)
+
+    report = evaluate(c.data_dir, {"model": tmp_path / "p.parquet"}, tmp_path / "eval", n_boot=50)
+    assert {"model", "production", "popularity", "random", "oracle"} <= set(report["policies"])
+    assert (tmp_path / "eval" / "report.md").read_text().count("|") > 20
+    assert (tmp_path / "eval" / "policy_values.png").is_file()
+
+
+def test_trl_dpo_path_runs(cfg, tmp_path):
+    from mmart.train.dpo import run_dpo
+    from mmart.train.sft import run_sft
+
+    c = with_out(cfg, tmp_path)
+    run_sft(c)
+    c = replace(c, dpo=replace(c.dpo, method="trl"))
+    assert (run_dpo(c) / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate launcher not on PATH")
+def test_two_processes_agree_on_the_final_weights(cfg, tmp_path, home):
+    """`accelerate launch --num_processes 2` (CPU, gloo) for a few SFT steps: DDP keeps the ranks in sync."""
+    import yaml
+
+    from mmart.config import to_dict
+
+    c = with_out(cfg, tmp_path)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(to_dict(c)))
+    cmd = ["accelerate", "launch", "--config_file", str(CONFIG_ROOT / "accelerate" / "cpu_2proc.yaml"),
+           "--num_processes", "2", "-m", "mmart.cli", "sft", "--config", str(tmp_path / "cfg.yaml")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "MMART_HOME": str(home)}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    digests = digest_line(run.stdout)
+    assert set(digests) == {0, 1}, run.stdout[-2000:]
+    assert digests[0] == digests[1]
+    assert run.stdout.count("[mmart sft] saved") == 1  # only the main process writes the model

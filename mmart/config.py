@@ -134,6 +134,11 @@ def _from_file(cls: type[T], path: Path, prefix: str = "") -> T:
     return _from_dict(cls, data, f"{path}" + (f" ({prefix})" if prefix else ""), Path(path).parent)
 
 
+def from_dict(cls: type[T], data: dict, source: str = "") -> T:
+    """Build ``cls`` from a plain dict (e.g. a saved pipeline.yaml), with the same checks as a file."""
+    return _from_dict(cls, data, source, None)
+
+
 def apply_overrides(obj: T, overrides: list[str]) -> T:
     """Return a copy of ``obj`` with ``a.b.c=value`` overrides applied (value parsed as YAML)."""
     data = to_dict(obj)

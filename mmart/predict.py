@@ -67,11 +67,13 @@ def predictions_frame(examples, probs, impressions: pd.DataFrame) -> pd.DataFram
 
 
 def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | Path | None,
-            cfg=None, batch_size: int = 16, max_pairs: int = 0, seed: int = 0, progress: bool = True) -> pd.DataFrame:
-    """Load a saved chooser and score every member-title pair of ``split``; write Parquet if ``out``."""
+            cfg=None, batch_size: int = 16, max_pairs: int = 0, seed: int = 0, progress: bool = True,
+            pairs: set[tuple[str, str]] | None = None) -> pd.DataFrame:
+    """Load a saved chooser and score every member-title pair of ``split`` (or only ``pairs``,
+    (user_id, title_id) tuples; or a seeded sample of ``max_pairs``); write Parquet if ``out``."""
     import yaml
 
-    from mmart.config import PipelineConfig, _from_dict
+    from mmart.config import PipelineConfig, from_dict
     from mmart.model.checkpoint import load_chooser
     from mmart.model.chooser import set_artwork_cache
     from mmart.train.common import device, load_inputs
@@ -81,13 +83,16 @@ def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | 
     model_dir = Path(model_dir)
     if cfg is None:  # the prompt and cache settings the model was trained with
         saved = model_dir / "pipeline.yaml"
-        cfg = _from_dict(PipelineConfig, yaml.safe_load(saved.read_text()), str(saved), None) if saved.is_file() \
+        cfg = from_dict(PipelineConfig, yaml.safe_load(saved.read_text()), str(saved)) if saved.is_file() \
             else PipelineConfig()
     inputs = load_inputs(cfg, str(data_dir), check=False)
     model, tokenizer, _ = load_chooser(model_dir, device=device())
     if inputs.cache is not None:
         set_artwork_cache(model, inputs.cache.embeddings)
-    examples = subsample(inputs.builder.pair_examples(split), max_pairs, seed)
+    examples = inputs.builder.pair_examples(split)
+    if pairs is not None:
+        examples = [ex for ex in examples if (ex.user_id, ex.title_id) in pairs]
+    examples = subsample(examples, max_pairs, seed)
     rows = choice_dataset(inputs.builder, examples, tokenizer, cache_rows(inputs.cache)).to_list()
     probs = score_rows(model, rows, tokenizer.pad_token_id, batch_size, progress)
     imps = inputs.contract.frame("impressions")

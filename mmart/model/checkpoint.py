@@ -198,7 +198,12 @@ def load_chooser(
     """
     folder = Path(path)
     spec = read_spec(folder)
-    base = str(folder) if spec.base_model == MERGED_BASE else resolve_base_model(spec.base_model, home)
+    if spec.base_model == MERGED_BASE:
+        base = str(folder)
+    elif spec.base_model.startswith(("./", "../")):  # a base saved beside the chooser (DPO on merged SFT)
+        base = str((folder / spec.base_model).resolve())
+    else:
+        base = resolve_base_model(spec.base_model, home)
     llm, base_tokenizer = load_llm(base, dtype, attn_implementation, slot_token=spec.slot_token)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     slot_id = tokenizer.convert_tokens_to_ids(spec.slot_token)

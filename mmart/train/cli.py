@@ -45,6 +45,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--sft-model", help="SFT chooser folder (default: <output_dir>/sft/model)")
     d.set_defaults(func=_dpo)
 
+    e = sub.add_parser(
+        "export", help="write a standalone merged model (LoRA folded in) from a saved chooser",
+        description=(
+            "Fold a saved chooser's LoRA adapter into the LLM and write a standalone folder: the merged LLM "
+            "(loadable with AutoModelForCausalLM.from_pretrained), the projector and the tokenizer. "
+            "`mmart predict --model` loads it like any chooser."
+        ))
+    e.add_argument("--model", required=True, help="saved chooser folder, e.g. outputs/default/dpo/model")
+    e.add_argument("--out", required=True, help="folder to write")
+    e.set_defaults(func=_export)
+
     r = sub.add_parser(
         "predict", help="score every candidate of each member-title pair in one forward",
         description=(
@@ -97,6 +108,13 @@ def _dpo(args) -> int:
     from mmart.train.dpo import run_dpo
 
     run_dpo(_load(args), sft_model_dir=args.sft_model)
+    return 0
+
+
+def _export(args) -> int:
+    from mmart.model.checkpoint import export_merged
+
+    print(f"[mmart export] wrote {export_merged(args.model, args.out)}")
     return 0
 
 

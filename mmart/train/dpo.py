@@ -12,6 +12,7 @@ variant stays available. The two give the same sigmoid loss (tests/train/test_dp
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -99,7 +100,8 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
     print(f"[mmart dpo] rank {trainer.args.process_index} trainable weights sha256 {trainable_digest(trainer.model)}")
     model_dir = out / "model"
     if trainer.is_world_process_zero():
-        save_chooser(trainer.model, tokenizer, model_dir, base_model=str(base))
+        # Relative, so the run folder can be moved or copied as a whole.
+        save_chooser(trainer.model, tokenizer, model_dir, base_model=os.path.relpath(base, model_dir.resolve()))
         (model_dir / "pipeline.yaml").write_text(_yaml(cfg))
         save_curves(trainer.state.log_history, model_dir / "curves.png",
                     ("loss", "rewards/margins", "rewards/accuracies"))

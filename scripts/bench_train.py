@@ -1,0 +1,204 @@
+"""Benchmark the training and choosing paths, each against its alternative, in one run.
+
+Run as: python scripts/bench_train.py [--config configs/default.yaml] [--examples 16] [--out outputs/bench/train.json]
+
+(a) DPO: the shared-prompt fast path vs TRL's DPOTrainer on the same preference examples (examples/s).
+(b) Choosing: one forward scoring all K letters vs K forwards (one per candidate) vs generating the answer.
+(c) A training step reading artwork vectors from the cache vs running the vision tower inside the step.
+Needs the config's cache (bash scripts/build_cache.sh). Medians of repeats; noisy on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+
+from mmart.config import PipelineConfig, load_config  # noqa: E402
+from mmart.model.batching import pad_artwork_ids, pad_sequences  # noqa: E402
+from mmart.model.chooser import set_artwork_cache  # noqa: E402
+from mmart.model.scoring import score_letters  # noqa: E402
+from mmart.train.common import load_inputs  # noqa: E402
+from mmart.train.data import cache_rows, choice_dataset, subsample  # noqa: E402
+from mmart.train.sft import build_model  # noqa: E402
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_dpo(cfg, inputs, n: int, tmp: Path) -> dict:
+    from trl import DPOConfig
+
+    from mmart.train.dpo_fast import (FastDPOConfig, MultimodalDPOTrainer, MultipleChoiceCollator,
+                                      MultipleChoiceDPOTrainer, expand_to_pairs)
+
+    out = {}
+    examples = subsample(inputs.builder.preference_examples("train"), n, 0)
+    for method in ("fast", "trl"):
+        model, tok = build_model(cfg, inputs.cache, None)
+        rows = choice_dataset(inputs.builder, examples, tok, cache_rows(inputs.cache))
+        common = dict(output_dir=str(tmp / method), per_device_train_batch_size=4, max_steps=len(rows) // 4,
+                      learning_rate=1e-5, report_to="none", use_cpu=not torch.cuda.is_available(),
+                      save_strategy="no", logging_steps=1000, remove_unused_columns=False, disable_tqdm=True)
+        if method == "fast":
+            trainer = MultipleChoiceDPOTrainer(model=model, args=FastDPOConfig(**common), train_dataset=rows,
+                                               data_collator=MultipleChoiceCollator(tok.pad_token_id))
+            pairs = int(sum(len(r) for r in rows["rejected"]))
+        else:
+            pair_rows = Dataset.from_list(list(expand_to_pairs(rows.to_list())))
+            # TRL's DPOConfig defaults to bf16 and gradient checkpointing: off, as on the fast path.
+            trainer = MultimodalDPOTrainer(model, args=DPOConfig(**common, max_length=None, bf16=False,
+                                                                 gradient_checkpointing=False),
+                                           train_dataset=pair_rows, processing_class=tok)
+            trainer.args.max_steps = len(pair_rows) // 4  # the same examples: all their pairs
+        start = time.perf_counter()
+        trainer.train()
+        secs = time.perf_counter() - start
+        out[method] = {"examples": len(rows), "seconds": secs, "examples_per_s": len(rows) / secs}
+        if method == "fast":
+            out[method]["pairs"] = pairs
+    out["speedup"] = out["fast"]["examples_per_s"] / out["trl"]["examples_per_s"]
+    return out
+
+
+@torch.inference_mode()
+def bench_choosing(cfg, inputs, n: int, repeats: int) -> dict:
+    model, tok = build_model(cfg, inputs.cache, None)
+    model.eval()
+    rows = choice_dataset(inputs.builder, inputs.builder.pair_examples("test")[:n], tok, cache_rows(inputs.cache)).to_list()
+    ids, mask = pad_sequences([r["prompt_ids"] for r in rows], tok.pad_token_id, side="left")
+    arts = pad_artwork_ids([r["artwork_ids"] for r in rows])
+    letters = torch.tensor(rows[0]["letter_ids"])
+    k = len(letters)
+
+    def one_forward():
+        score_letters(model, ids, mask, arts, letters)
+
+    def k_forwards():  # one prompt per candidate, each asking "this one?", as a per-candidate scorer would
+        for _ in range(k):
+            score_letters(model, ids, mask, arts, letters[:1])
+
+    def generate():
+        model.generate(input_ids=ids, attention_mask=mask, artwork_ids=arts, max_new_tokens=2, do_sample=False,
+                       pad_token_id=tok.pad_token_id)
+
+    out = {}
+    for name, fn in (("one_forward", one_forward), ("k_forwards", k_forwards), ("generate", generate)):
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter(); fn(); times.append(time.perf_counter() - start)
+        out[name] = {"seconds": statistics.median(times), "pairs_per_s": n / statistics.median(times)}
+    out["k"] = k
+    out["speedup_vs_k_forwards"] = out["k_forwards"]["seconds"] / out["one_forward"]["seconds"]
+    out["speedup_vs_generate"] = out["generate"]["seconds"] / out["one_forward"]["seconds"]
+    return out
+
+
+def bench_step(cfg, inputs, n: int, repeats: int) -> dict:
+    """Cache gather vs the vision tower inside the step (images decoded and preprocessed once, outside both)."""
+    from mmart.vision.images import catalog_items, open_rgb
+    from mmart.vision.tower import encode_images, load_tower
+
+    model, tok = build_model(cfg, inputs.cache, None)
+    model.train()
+    examples = subsample(inputs.builder.choice_examples("train"), n, 0)
+    from mmart.train.data import sft_dataset
+
+    rows = sft_dataset(inputs.builder, examples, tok, cache_rows(inputs.cache)).to_list()
+    ids, mask = pad_sequences([r["input_ids"] for r in rows], tok.pad_token_id)
+    labels, _ = pad_sequences([r["labels"] for r in rows], -100)
+    arts = pad_artwork_ids([r["artwork_ids"] for r in rows])
+    tower = load_tower(cfg.vision)
+    items = {it.artwork_id: it for it in catalog_items(inputs.contract)}
+    used = sorted({int(a) for a in arts.flatten().tolist() if a >= 0})
+    pixels = torch.stack([tower.preprocess(open_rgb(items[inputs.cache.artwork_ids[i]].path)) for i in used])
+    remap = torch.full((len(inputs.cache),), -1, dtype=torch.long)
+    remap[torch.tensor(used)] = torch.arange(len(used))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+
+    def step(with_tower: bool):
+        if with_tower:  # encode this batch's artworks now, as a pipeline without a cache would
+            with torch.no_grad():
+                vecs = encode_images(tower.model, pixels, cfg.cache.tokens_per_artwork)
+            set_artwork_cache(model, vecs)
+            batch_arts = torch.where(arts >= 0, remap[arts.clamp(min=0)], arts)
+        else:
+            set_artwork_cache(model, inputs.cache.embeddings)
+            batch_arts = arts
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels, artwork_ids=batch_arts).loss
+        loss.backward(); opt.step(); opt.zero_grad()
+
+    out = {}
+    for name, flag in (("cache", False), ("tower_in_step", True)):
+        step(flag)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter(); step(flag); times.append(time.perf_counter() - start)
+        out[name] = {"seconds": statistics.median(times), "examples_per_s": n / statistics.median(times),
+                     "artworks_encoded_per_step": len(used) if flag else 0}
+    out["peak_rss_mb_process"] = peak_rss_mb()
+    out["note"] = ("peak memory is the whole process's (both variants ran in it); on a GPU compare "
+                   "torch.cuda.max_memory_allocated per variant")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/default.yaml")
+    ap.add_argument("--set", nargs="*", default=[])
+    ap.add_argument("--examples", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", nargs="*", default=["dpo", "choosing", "step"])
+    ap.add_argument("--out", default="outputs/bench/train.json")
+    args = ap.parse_args(argv)
+    cfg = load_config(PipelineConfig, args.config, args.set)
+    cfg = replace(cfg, model=replace(cfg.model, projector_init="random"))  # speed only: skip stage 0
+    inputs = load_inputs(cfg)
+    tmp = Path(args.out).parent / "tmp"
+    results = {"config": args.config, "examples": args.examples, "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    if "dpo" in args.only:
+        results["dpo"] = bench_dpo(cfg, inputs, args.examples, tmp)
+    if "choosing" in args.only:
+        results["choosing"] = bench_choosing(cfg, inputs, args.examples, args.repeats)
+    if "step" in args.only:
+        results["step"] = bench_step(cfg, inputs, min(args.examples, 8), args.repeats)
+    print(f"{'what':<44}{'A':>14}{'B':>14}{'ratio':>10}")
+    if "dpo" in results:
+        d = results["dpo"]
+        print(f"{'DPO examples/s: fast (A) vs TRL (B)':<44}{d['fast']['examples_per_s']:>14.3f}"
+              f"{d['trl']['examples_per_s']:>14.3f}{d['speedup']:>10.2f}")
+    if "choosing" in results:
+        c = results["choosing"]
+        print(f"{'choosing pairs/s: 1 fwd (A) vs K fwds (B)':<44}{c['one_forward']['pairs_per_s']:>14.2f}"
+              f"{c['k_forwards']['pairs_per_s']:>14.2f}{c['speedup_vs_k_forwards']:>10.2f}")
+        print(f"{'choosing pairs/s: 1 fwd (A) vs generate (B)':<44}{c['one_forward']['pairs_per_s']:>14.2f}"
+              f"{c['generate']['pairs_per_s']:>14.2f}{c['speedup_vs_generate']:>10.2f}")
+    if "step" in results:
+        s = results["step"]
+        print(f"{'train step ex/s: cache (A) vs tower (B)':<44}{s['cache']['examples_per_s']:>14.3f}"
+              f"{s['tower_in_step']['examples_per_s']:>14.3f}"
+              f"{s['cache']['examples_per_s'] / s['tower_in_step']['examples_per_s']:>10.2f}")
+        print(f"peak RSS of the process: {s['peak_rss_mb_process']:.0f} MB")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

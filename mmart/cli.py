@@ -24,6 +24,17 @@ STAGE_MODULES = (
 )
 
 
+def report_problems(subject: object, problems: list, ok: str) -> int:
+    """Print every problem (stderr) and return 1, or print ``ok`` and return 0: validate and verify share this."""
+    if problems:
+        print(f"{subject}: {len(problems)} problem(s)", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 1
+    print(f"{subject}: {ok}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmart",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -71,13 +70,7 @@ def _same_world(cfg, out: str) -> bool:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from mmart.cli import report_problems
     from mmart.data.contract import validate
 
-    problems = validate(args.dataset)
-    if problems:
-        print(f"{args.dataset}: {len(problems)} problem(s)", file=sys.stderr)
-        for p in problems:
-            print(f"  - {p}", file=sys.stderr)
-        return 1
-    print(f"{args.dataset}: valid")
-    return 0
+    return report_problems(args.dataset, validate(args.dataset), "valid")

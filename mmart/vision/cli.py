@@ -187,11 +187,9 @@ def _info(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from mmart.vision.store import ArtworkCache, verify_cache
 
-    problems = verify_cache(args.dir)
-    if problems:
-        print(f"{args.dir}: {len(problems)} problem(s)", file=sys.stderr)
-        for p in problems:
-            print(f"  - {p}", file=sys.stderr)
+    from mmart.cli import report_problems
+
+    if report_problems(args.dir, verify_cache(args.dir), "shards verified"):
         return 1
     if args.check_tower:
         cfg = _load(args)

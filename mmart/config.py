@@ -124,13 +124,38 @@ def _from_dict(cls: type[T], data: dict, where: str, base_dir: Path | None) -> T
     return obj
 
 
-def _from_file(cls: type[T], path: Path, prefix: str = "") -> T:
+INHERIT_KEY = "inherit"
+
+
+def _read_mapping(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML mapping, with ``inherit: other.yaml`` resolved: this file's keys deep-merged over the other's."""
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    parent = data.pop(INHERIT_KEY, None)
+    if parent is None:
+        return data
+    base_path = _resolve_include(str(parent), Path(path).parent)
+    if base_path.resolve() in seen:
+        raise ConfigError(f"{path}: 'inherit' loops back to {base_path}")
+    return _merge(_read_mapping(base_path, (*seen, Path(path).resolve())), data, base_path.parent)
+
+
+def _merge(base: dict, over: dict, base_dir: Path) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        b = out.get(k)
+        if isinstance(v, dict) and isinstance(b, str) and b.endswith((".yaml", ".yml")):
+            b = _read_mapping(_resolve_include(b, base_dir))  # an included section, refined key by key
+        out[k] = _merge(b, v, base_dir) if isinstance(v, dict) and isinstance(b, dict) else v
+    return out
+
+
+def _from_file(cls: type[T], path: Path, prefix: str = "") -> T:
+    data = _read_mapping(Path(path))
     return _from_dict(cls, data, f"{path}" + (f" ({prefix})" if prefix else ""), Path(path).parent)
 
 

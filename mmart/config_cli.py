@@ -30,7 +30,8 @@ def _run(args: argparse.Namespace) -> int:
     from mmart.config import PipelineConfig, load_config, to_dict
     from mmart.errors import UserError
 
-    data = to_dict(load_config(PipelineConfig, args.config, args.set))
+    cfg = load_config(PipelineConfig, args.config, args.set)
+    data = {**to_dict(cfg), "cache_dir": cfg.cache_dir}  # derived: where the embedding cache lives
     key = args.section or args.get
     if key:
         for part in key.split("."):

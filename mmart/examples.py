@@ -5,14 +5,20 @@ on is the prompt it is scored on. A prompt is a chat (system + user) whose user 
 renders the member's history (most recent first, oldest dropped past a token budget,
 never the candidates), the title, and the candidates lettered A, B, C... each followed
 by its artwork: ``tokens_per_artwork`` slot tokens (``artwork_input: embeddings``) or
-its caption text (``artwork_input: caption``, the paper's text-only variant). The
-answer is the letter alone, so choosing is one forward pass over the prompt.
+its caption text (``artwork_input: caption``, the paper's text-only variant).
+
+Two answer formats (``answer``), both scored by one forward pass over the prompt:
+
+* ``letter``: the prompt ends at the assistant's turn; the answer is the letter alone.
+* ``per_candidate``: each candidate line ends with a marker word, and the candidate's score
+  is the log-probability of " yes" right after it. The prompt is cut after the last marker
+  (later tokens cannot change any score under causal attention).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,10 +30,15 @@ from mmart.errors import UserError
 SLOT_TOKEN = "<artwork>"  # must match mmart.model.llm.SLOT_TOKEN
 LETTERS = "ABCDEFGH"
 SYSTEM_PROMPT = "Pick the artwork this streaming member is most likely to play."
+MARKER = "match"  # per_candidate: the word after each candidate's artwork; its next token is scored
+SCORE_TOKEN = " yes"  # per_candidate: the token whose log-probability after MARKER is the candidate's score
 
 
 @dataclass
 class PromptConfig:
+    answer: Literal["letter", "per_candidate"] = field(default="letter", metadata={
+        "help": "letter = log-probs of the letters at the answer position (large LLMs); per_candidate = log p(' yes') "
+                "after each candidate's artwork (small LLMs: SmolLM2-135M cannot map slots back to letters)."})
     artwork_input: Literal["embeddings", "caption"] = field(
         default="embeddings", metadata={"help": "embeddings = artwork slots; caption = text-only variant."})
     history_artworks: bool = field(default=True, metadata={"help": "Show the artwork each history title was played from."})
@@ -38,6 +49,12 @@ class PromptConfig:
     repeat_letter: bool = field(default=True, metadata={
         "help": "Write each candidate's letter again after its slots ('A: <artwork> A'), so a letter token can "
                 "attend to its own artwork (causal attention only looks back)."})
+    history_summary: bool = field(default=False, metadata={
+        "help": "Add one line counting the tags of every artwork the member played from before the decision "
+                "(all history, not just max_history lines): the member's looks in ~30 tokens. Needs artwork tags."})
+    history_summary_top: int = field(default=0, metadata={
+        "help": "0 = every tag with its count; N = only the N most played-from tags of each family, no counts "
+                "(shorter, and a plainer matching task for a small LLM)."})
     names: bool = field(default=True, metadata={
         "help": "Include title names; off shortens prompts ~2x (the demo world's names only restate genres)."})
 
@@ -73,6 +90,7 @@ class ExampleBuilder:
         titles = contract.frame("titles")
         self.titles = {r.title_id: r for r in titles.itertuples(index=False)}
         arts = contract.frame("artworks")
+        self.tags = {a: list(t) for a, t in zip(arts.artwork_id, arts["tags"])} if "tags" in arts else {}
         self.captions = dict(zip(arts.artwork_id, arts["caption"] if "caption" in arts else arts.artwork_id))
         self.artworks_of: dict[str, list[str]] = defaultdict(list)
         for aid, tid in zip(arts.artwork_id, arts.title_id):
@@ -131,7 +149,8 @@ class ExampleBuilder:
     # --- Rendering ----------------------------------------------------------------------------------
     def _artwork_text(self, artwork_id: str) -> tuple[str, list[str]]:
         if self.cfg.artwork_input == "caption":
-            return f'"{self.captions.get(artwork_id) or "no description"}"', []
+            caption = " ".join(str(self.captions.get(artwork_id) or "no description").split())  # one line
+            return f'"{caption}"', []
         return SLOT_TOKEN * self.tokens_per_artwork, [artwork_id]
 
     def history_lines(self, ex: Example) -> list[tuple[str, list[str]]]:
@@ -153,6 +172,24 @@ class ExampleBuilder:
                 break
         return lines
 
+    def history_summary(self, ex: Example) -> str | None:
+        """'Played from looks: close-up 9 group 3; horror 5 comedy 2; ...' over the whole history (~40 tokens).
+
+        Tags are grouped by family (the part before ':'), most frequent first within a family.
+        """
+        counts: dict[str, Counter] = defaultdict(Counter)
+        for ev in self.history.get(ex.user_id, []):
+            if int(ev["timestamp"]) < ex.timestamp and ev.get("artwork_id") is not None:
+                for tag in self.tags.get(ev["artwork_id"], []):
+                    family, _, value = tag.rpartition(":")
+                    counts[family][value] += 1
+        if not counts:
+            return None
+        top = self.cfg.history_summary_top
+        groups = [" ".join(f"{v} {n}" for v, n in c.most_common()) if top <= 0 else ", ".join(v for v, _ in c.most_common(top))
+                  for _, c in sorted(counts.items())]
+        return "Played from looks: " + "; ".join(groups)
+
     def messages(self, ex: Example, count_tokens=None) -> tuple[list[dict], list[str]]:
         """Chat messages (no answer) and the artwork ids in slot order."""
         t = self.titles[ex.title_id]
@@ -165,16 +202,36 @@ class ExampleBuilder:
         cand_lines = []
         for letter, aid in zip(LETTERS, ex.candidates):
             art_text, art_ids = self._artwork_text(aid)
-            cand_lines.append(f"{letter}: {art_text} {letter}" if self.cfg.repeat_letter else f"{letter}: {art_text}")
+            if self.cfg.answer == "per_candidate":
+                cand_lines.append(f"{letter}: {art_text} {MARKER}")
+            else:
+                cand_lines.append(f"{letter}: {art_text} {letter}" if self.cfg.repeat_letter else f"{letter}: {art_text}")
             arts.extend(art_ids)
         title = f'Title: "{t.name}" ({", ".join(t.genres)})' if self.cfg.names else f"Title: {', '.join(t.genres)}"
         if self.cfg.synopsis and getattr(t, "synopsis", None):
             title += f". {t.synopsis}"
-        user = "\n".join([
-            "History, most recent first:", *(history or ["- (none)"]), title, "Artworks:", *cand_lines,
-            f"Answer with one letter ({LETTERS[0]}-{LETTERS[len(ex.candidates) - 1]}).",
-        ])
+        summary = [line for line in [self.history_summary(ex)] if line] if self.cfg.history_summary else []
+        if self.cfg.answer == "per_candidate":
+            head = ["History, most recent first:", *(history or ["- (none)"]), *summary, title,
+                    "Would they play it from each artwork (yes/no)?"]
+            tail = []
+        else:
+            head = ["History, most recent first:", *(history or ["- (none)"]), *summary, title, "Artworks:"]
+            tail = [f"Answer with one letter ({LETTERS[0]}-{LETTERS[len(ex.candidates) - 1]})."]
+        user = "\n".join([*head, *cand_lines, *tail])
         return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}], arts
+
+    def candidate_line_ends(self, user: str, k: int) -> list[int]:
+        """Character offsets in the user message just past each candidate's marker (per_candidate)."""
+        ends, pos = [], len(user)
+        for _ in range(k):  # the candidate lines are the message's last k lines
+            pos = user.rfind("\n", 0, pos) if ends else pos
+            ends.append(pos)
+        ends = ends[::-1]
+        for e in ends:
+            if not user[:e].endswith(MARKER):
+                raise AssertionError(f"candidate line does not end with {MARKER!r}: {user[:e][-40:]!r}")
+        return ends
 
 
 def letter_token_ids(tokenizer, k: int) -> list[int]:
@@ -189,18 +246,38 @@ def letter_token_ids(tokenizer, k: int) -> list[int]:
     return ids
 
 
+def score_token_id(tokenizer) -> int:
+    """The per_candidate score token: " yes" (one token in SmolLM2's and Llama 3's vocabularies; else its first)."""
+    return tokenizer(SCORE_TOKEN, add_special_tokens=False)["input_ids"][0]
+
+
 def encode(builder: ExampleBuilder, ex: Example, tokenizer) -> dict:
     """Token ids of the prompt (chat template, generation prompt added), its artwork ids, and the answer.
 
-    Returns ``input_ids`` (prompt only), ``artwork_ids`` (str, slot order), ``letter_ids`` (K token ids),
-    ``answer`` (index or None), ``rejected`` (indices). The answer token is ``letter_ids[answer]``.
+    Returns ``input_ids`` (prompt only), ``artwork_ids`` (str, slot order), ``answer_ids`` (K token ids),
+    ``score_positions`` (K positions for per_candidate, [] for letter: read at the prompt's end),
+    ``answer`` (index or None), ``rejected`` (indices). The answer token is ``answer_ids[answer]``.
     """
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     messages, arts = builder.messages(ex, count_tokens=count)
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    per_candidate = builder.cfg.answer == "per_candidate"
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not per_candidate)
     input_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    positions: list[int] = []
+    if per_candidate:
+        user = messages[-1]["content"]
+        start = text.rfind(user)
+        if start < 0:
+            raise UserError("the chat template does not copy the user message verbatim; use prompt.answer=letter")
+        for end in builder.candidate_line_ends(user, len(ex.candidates)):
+            prefix = tokenizer(text[: start + end], add_special_tokens=False)["input_ids"]
+            if input_ids[: len(prefix)] != prefix:
+                raise UserError(f"the tokenizer merges the marker {MARKER!r} with the text after it; "
+                                "per_candidate scoring needs it to end a token (use prompt.answer=letter)")
+            positions.append(len(prefix) - 1)
+        input_ids = input_ids[: positions[-1] + 1]  # later tokens cannot change any score
     if builder.cfg.artwork_input == "embeddings":
         slot_id = tokenizer.convert_tokens_to_ids(SLOT_TOKEN)
         n_slots = sum(1 for i in input_ids if i == slot_id)
@@ -211,7 +288,9 @@ def encode(builder: ExampleBuilder, ex: Example, tokenizer) -> dict:
         "example_id": ex.example_id,
         "input_ids": input_ids,
         "artwork_ids": arts,
-        "letter_ids": letter_token_ids(tokenizer, len(ex.candidates)),
+        "answer_ids": [score_token_id(tokenizer)] * len(ex.candidates) if per_candidate
+        else letter_token_ids(tokenizer, len(ex.candidates)),
+        "score_positions": positions,
         "answer": ex.answer,
         "rejected": list(ex.rejected),
     }

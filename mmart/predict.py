@@ -13,13 +13,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from mmart.model.batching import pad_artwork_ids, pad_sequences
+from mmart.model.batching import candidate_batch, pad_artwork_ids, pad_sequences
 from mmart.model.scoring import score_letters
 
 
 @torch.inference_mode()
 def score_rows(model, rows, pad_token_id: int, batch_size: int = 16, progress: bool = True) -> list[np.ndarray]:
-    """Per row, the softmax over its K letters' log-probs at the answer position (one forward per batch).
+    """Per row, the softmax over its K candidates' scores (letter or per-candidate readout; one forward per batch).
 
     Rows are sorted by length so a batch pads little; results come back in input order.
     """
@@ -32,13 +32,13 @@ def score_rows(model, rows, pad_token_id: int, batch_size: int = 16, progress: b
         batch = [rows[i] for i in idx]
         ids, mask = pad_sequences([r["prompt_ids"] for r in batch], pad_token_id)
         arts = pad_artwork_ids([r["artwork_ids"] for r in batch])
-        k = max(len(r["letter_ids"]) for r in batch)
-        letters = torch.tensor([list(r["letter_ids"]) + [-1] * (k - len(r["letter_ids"])) for r in batch])
+        cands = candidate_batch(batch)
         has_art = bool((arts >= 0).any())
-        logp = score_letters(model, ids.to(dev), mask.to(dev), arts.to(dev) if has_art else None, letters)
+        logp = score_letters(model, ids.to(dev), mask.to(dev), arts.to(dev) if has_art else None,
+                             cands["answer_ids"], cands.get("score_positions"))
         probs = torch.softmax(logp, dim=-1).cpu().numpy()
         for j, i in enumerate(idx):
-            out[i] = probs[j, : len(batch[j]["letter_ids"])]
+            out[i] = probs[j, : len(batch[j]["answer_ids"])]
         bar.update(len(idx))
     bar.close()
     return out  # type: ignore[return-value]

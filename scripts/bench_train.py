@@ -5,6 +5,7 @@ Run as: python scripts/bench_train.py [--config configs/default.yaml] [--example
 (a) DPO: the shared-prompt fast path vs TRL's DPOTrainer on the same preference examples (examples/s).
 (b) Choosing: one forward scoring all K letters vs K forwards (one per candidate) vs generating the answer.
 (c) A training step reading artwork vectors from the cache vs running the vision tower inside the step.
+All three use letter answers (prompt.answer=letter), the form TRL's DPOTrainer and generate() share.
 Needs the config's cache (bash scripts/build_cache.sh). Medians of repeats; noisy on a shared machine.
 """
 
@@ -81,7 +82,7 @@ def bench_choosing(cfg, inputs, n: int, repeats: int) -> dict:
     rows = choice_dataset(inputs.builder, inputs.builder.pair_examples("test")[:n], tok, cache_rows(inputs.cache)).to_list()
     ids, mask = pad_sequences([r["prompt_ids"] for r in rows], tok.pad_token_id, side="left")
     arts = pad_artwork_ids([r["artwork_ids"] for r in rows])
-    letters = torch.tensor(rows[0]["letter_ids"])
+    letters = torch.tensor(rows[0]["answer_ids"])
     k = len(letters)
 
     def one_forward():
@@ -168,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cfg = load_config(PipelineConfig, args.config, args.set)
     cfg = replace(cfg, model=replace(cfg.model, projector_init="random"))  # speed only: skip stage 0
+    # (a) compares against TRL and (b) against K forwards / generate: both are about letter answers.
+    cfg = replace(cfg, prompt=replace(cfg.prompt, answer="letter"))
     inputs = load_inputs(cfg)
     tmp = Path(args.out).parent / "tmp"
     results = {"config": args.config, "examples": args.examples, "device": "cuda" if torch.cuda.is_available() else "cpu"}

@@ -70,3 +70,28 @@ def test_section_may_be_a_path_to_another_yaml(tmp_path):
     (tmp_path / "p.yaml").write_text("world: world/tiny.yaml\ndata_dir: data/tiny\n")
     cfg = load_config(PipelineConfig, tmp_path / "p.yaml")
     assert cfg.world.num_titles == yaml.safe_load((CONFIG_ROOT / "world" / "tiny.yaml").read_text())["num_titles"]
+
+
+def test_inherit_deep_merges_over_the_parent(tmp_path):
+    (tmp_path / "parent.yaml").write_text("output_dir: outputs/p\nprompt:\n  max_history: 3\n  names: false\n"
+                                          "world: world/tiny.yaml\n")
+    (tmp_path / "child.yaml").write_text("inherit: parent.yaml\noutput_dir: outputs/c\nprompt:\n  max_history: 5\n"
+                                         "world:\n  num_titles: 7\n")
+    c = load_config(PipelineConfig, tmp_path / "child.yaml")
+    tiny = load_config(PipelineConfig, tmp_path / "parent.yaml").world
+    assert c.output_dir == "outputs/c" and c.prompt.max_history == 5 and c.prompt.names is False
+    assert c.world.num_titles == 7 and c.world.num_members == tiny.num_members  # the included section, refined
+
+
+def test_inherit_loop_is_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("inherit: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("inherit: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(PipelineConfig, tmp_path / "a.yaml")
+
+
+def test_text_only_variant_is_the_default_with_captions():
+    default = load_config(PipelineConfig, CONFIG_ROOT / "default.yaml")
+    text = load_config(PipelineConfig, CONFIG_ROOT / "text_only.yaml")
+    assert text.prompt.artwork_input == "caption" and default.prompt.artwork_input == "embeddings"
+    assert (text.sft, text.dpo, text.model, text.world) == (default.sft, default.dpo, default.model, default.world)

@@ -78,7 +78,7 @@ def test_encode_slots_match_artworks_and_caption_mode_has_none(contract):
     enc = encode(b, ex, tok)
     slot = tok.convert_tokens_to_ids(SLOT_TOKEN)
     assert enc["input_ids"].count(slot) == 2 * len(enc["artwork_ids"])
-    assert enc["artwork_ids"][-3:] == ex.candidates and len(enc["letter_ids"]) == 3
+    assert enc["artwork_ids"][-3:] == ex.candidates and len(enc["answer_ids"]) == 3
     cap = ExampleBuilder(contract, PromptConfig(artwork_input="caption"))
     enc2 = encode(cap, ex, tok)
     assert enc2["artwork_ids"] == [] and slot not in enc2["input_ids"]
@@ -91,3 +91,45 @@ def test_pair_examples_one_per_pair(contract):
     imps = contract.frame("impressions")
     assert len(pairs) == len(imps[imps.split == "test"].groupby(["user_id", "title_id"]))
     assert all(e.answer is None for e in pairs)
+
+
+@pytest.mark.parametrize("artwork_input", ["embeddings", "caption"])
+def test_per_candidate_positions_follow_each_candidate(contract, artwork_input):
+    """Each score position is the marker right after its own candidate's artwork; the prompt ends at the last one."""
+    tok = tiny_tokenizer()
+    b = ExampleBuilder(contract, PromptConfig(answer="per_candidate", artwork_input=artwork_input), tokens_per_artwork=2)
+    ex = b.choice_examples("train")[0]
+    enc = encode(b, ex, tok)
+    pos = enc["score_positions"]
+    k = len(ex.candidates)
+    assert len(pos) == k == len(enc["answer_ids"]) and pos == sorted(set(pos))
+    assert pos[-1] == len(enc["input_ids"]) - 1  # nothing after the last score position
+    for i in range(k):
+        text = tok.decode(enc["input_ids"][: pos[i] + 1])
+        assert text.endswith(" match") and text.count(" match") == i + 1
+    if artwork_input == "embeddings":
+        slot = tok.convert_tokens_to_ids(SLOT_TOKEN)
+        slots = [j for j, t in enumerate(enc["input_ids"]) if t == slot]
+        cand_slots = slots[-2 * k:]
+        for i in range(k):  # candidate i's two slots lie between the previous marker and its own
+            lo = pos[i - 1] if i else -1
+            assert all(lo < s < pos[i] for s in cand_slots[2 * i: 2 * i + 2])
+
+
+def test_history_summary_counts_the_tags_of_played_from_artworks_before_the_decision(contract):
+    b = ExampleBuilder(contract, PromptConfig(history_summary=True, max_history=1))
+    ex = next(e for e in b.choice_examples("train") if len(b.history_lines(e)) >= 1)
+    events = [e for e in b.history[ex.user_id] if e["timestamp"] < ex.timestamp and e.get("artwork_id")]
+    expected = Counter(t.rpartition(":")[2] for e in events for t in b.tags[e["artwork_id"]])
+    line = b.history_summary(ex)
+    assert line.startswith("Played from looks: ")
+    found = dict(pair.rsplit(" ", 1) for group in line.split(": ", 1)[1].split("; ") for pair in
+                 _pairs(group))
+    assert {k: int(v) for k, v in found.items()} == dict(expected)
+    assert line in b.messages(ex)[0][1]["content"]  # all history counted, though only 1 line is shown
+    assert "Played from looks" not in ExampleBuilder(contract, PromptConfig()).messages(ex)[0][1]["content"]
+
+
+def _pairs(group: str) -> list[str]:
+    words = group.split(" ")
+    return [f"{words[i]} {words[i + 1]}" for i in range(0, len(words), 2)]

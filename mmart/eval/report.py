@@ -16,6 +16,7 @@ from mmart.data.contract import load_contract
 from mmart.errors import UserError
 from mmart.eval import policies as pol
 from mmart.eval.metrics import policy_metrics, relative_to, verdict
+from mmart.eval.reward_model import FEATURES, fit_reward_model, log_loss
 
 
 def _fingerprint(path: Path) -> str:
@@ -38,9 +39,12 @@ def evaluate(data_dir: str | Path, preds: dict[str, str | Path], out_dir: str | 
     pairs = list(dict.fromkeys(zip(first.user_id, first.title_id)))
     es = pol.eval_set(contract, split, pairs, data_dir / "oracle.parquet")
     rates = pol.artwork_play_rates(contract)
+    reward_model = fit_reward_model(contract, "train")
     q_hat = np.zeros(es.mask.shape)
-    for i, c in enumerate(es.pairs.candidates):
-        q_hat[i, : len(c)] = [rates.get(a, 0.5) for a in c]
+    for i, (u, c) in enumerate(zip(es.pairs.user_id, es.pairs.candidates)):
+        q_hat[i, : len(c)] = reward_model.predict([u] * len(c), c)
+    shown_q = q_hat[es.impressions.pair.to_numpy(), es.impressions.shown.to_numpy()]
+    played = es.impressions.played.to_numpy(dtype=float)
 
     policies: dict[str, np.ndarray] = {name: pol.model_policy(es, f) for name, f in frames.items()}
     if es.p_play is not None:
@@ -63,6 +67,12 @@ def evaluate(data_dir: str | Path, preds: dict[str, str | Path], out_dir: str | 
         "logged_play_rate_first_impressions": float(logged.played.mean()),
         "dataset": str(data_dir), "dataset_fingerprint": _fingerprint(data_dir),
         "predictions": {k: str(v) for k, v in preds.items()},
+        "reward_model": {  # DR's model, fit on train; its fit on the evaluated impressions, vs a constant
+            "kind": "logistic regression", "features": list(FEATURES),
+            "weights": [float(w) for w in reward_model.weights],
+            "log_loss": log_loss(shown_q, played),
+            "log_loss_constant": log_loss(np.full(len(played), reward_model.prior), played),
+        },
         "policies": results, "config": config or {},
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +96,9 @@ def markdown(report: dict) -> str:
         "",
         "Values with 95% bootstrap intervals over pairs. Hit rate on the uniformly-logged slice is unbiased; "
         "IPS/SNIPS/DR use each pair's first logged impression; true value is the exact expected play rate "
-        "from the demo world's play model.",
+        "from the demo world's play model. DR's reward model: logistic regression on train "
+        f"(log-loss {report['reward_model']['log_loss']:.3f} on these impressions vs "
+        f"{report['reward_model']['log_loss_constant']:.3f} for a constant).",
         "",
         "| policy | hit rate (uniform slice) | IPS | SNIPS | DR | true value | lift vs production |",
         "| --- | --- | --- | --- | --- | --- | --- |",

@@ -38,3 +38,20 @@ def pad_artwork_ids(rows: Sequence[Sequence[int]], width: int | None = None) -> 
         if len(r):
             out[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
     return out
+
+
+def pad_candidates(rows: Sequence[Sequence[int]], fill: int) -> torch.Tensor:
+    """``[B, K]`` from per-prompt candidate lists (answer tokens, score positions), padded with ``fill``."""
+    width = max(len(r) for r in rows)
+    return torch.tensor([list(r) + [fill] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def candidate_batch(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """``answer_ids [B, K]`` (-1 pad) and, for per-candidate rows, ``score_positions [B, K]`` (0 pad)."""
+    out = {"answer_ids": pad_candidates([e["answer_ids"] for e in examples], -1)}
+    positions = [e.get("score_positions") or [] for e in examples]
+    if any(positions):
+        if not all(positions):
+            raise ValueError("a batch mixes letter and per-candidate rows")
+        out["score_positions"] = pad_candidates(positions, 0)
+    return out

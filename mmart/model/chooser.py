@@ -246,6 +246,8 @@ def _inject_artworks(
         raise ValueError(f"artwork_ids has {artwork_ids.shape[0]} rows for a batch of {input_ids.shape[0]}")
     if not bool(slots_per_row.any()) and _is_decoding_step(kwargs):
         return args, kwargs  # generation past the prompt: the artworks are already in the KV cache
+    if not bool(slots_per_row.any()) and not bool((artwork_ids >= 0).any()):
+        return args, kwargs  # text-only prompts (caption variant): padding rows only, nothing to inject
 
     if state.cache is None:
         raise RuntimeError("the chooser has no artwork cache: call set_artwork_cache(model, cache) first")

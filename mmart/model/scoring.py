@@ -1,4 +1,12 @@
-"""Choosing = one forward: the log-probabilities of every candidate's letter at the answer position.
+"""Choosing = one forward: every candidate's score from a single pass over the shared prompt.
+
+Two readouts (``prompt.answer``):
+
+* ``letter``: the log-probabilities of the K letters at the answer position (the prompt's end).
+* ``per_candidate``: the log-probability of one fixed token (" yes") at each candidate's own
+  position, right after its artwork. Causal attention lets each position see the history and
+  its own artwork; a small LLM judges each artwork where it stands instead of having to map
+  the right slot back to a letter (scripts/probe_answer_format.py measures the difference).
 
 Shape letters: B batch, L sequence length, M artworks per prompt, K candidates, V vocabulary.
 
@@ -91,6 +99,7 @@ def score_letters(
     attention_mask: torch.Tensor,
     artwork_ids: torch.Tensor | None,
     letter_token_ids: torch.Tensor,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Log-probabilities ``[B, K]`` (fp32) of the candidate letters as the answer's next token.
 
@@ -100,10 +109,14 @@ def score_letters(
         artwork_ids: ``[B, M]`` cache rows for the slots (-1 padding), or None for text-only prompts.
         letter_token_ids: ``[K]`` shared by the batch, or ``[B, K]`` with -1 where a row has
             fewer candidates (its log-prob is then ``-inf``).
+        positions: ``[B, K]`` per-candidate readout: candidate k's token is read at
+            ``positions[b, k]`` (right-padded rows) instead of at the answer position.
 
     The log-softmax is over the whole vocabulary (not renormalised over the letters), as
     TRL's DPO and SFT losses see it; ``softmax`` over the K columns gives the choice.
     """
+    if positions is not None:
+        return _score_at_positions(model, input_ids, attention_mask, artwork_ids, letter_token_ids, positions)
     logits = answer_logits(model, input_ids, attention_mask, artwork_ids)
     log_probs = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
     letters = letter_token_ids.to(log_probs.device)
@@ -111,3 +124,25 @@ def score_letters(
         letters = letters.unsqueeze(0).expand(log_probs.shape[0], -1)
     picked = log_probs.gather(-1, letters.clamp(min=0))
     return picked.masked_fill(letters < 0, float("-inf"))
+
+
+def _score_at_positions(model, input_ids, attention_mask, artwork_ids, token_ids, positions) -> torch.Tensor:
+    """``[B, K]``: log p(token_ids[b, k] | prefix up to positions[b, k]), one forward, LM head on those positions only."""
+    positions = positions.to(input_ids.device).long()
+    tokens = token_ids.to(input_ids.device)
+    if tokens.ndim == 1:
+        tokens = tokens.unsqueeze(0).expand(positions.shape[0], -1)
+    valid = tokens >= 0
+    if bool((positions[valid] >= attention_mask.sum(-1, keepdim=True).expand_as(positions)[valid]).any()):
+        raise ValueError("a score position lies past its row's last real token (positions index right-padded rows)")
+    positions = positions.clamp(min=0)
+    keep = torch.unique(positions)  # [U], sorted
+    kwargs = {"artwork_ids": artwork_ids} if artwork_ids is not None else {}
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                    logits_to_keep=keep, use_cache=False, **kwargs)
+    logits = outputs.logits  # [B, U, V]
+    column = torch.searchsorted(keep, positions)  # [B, K]
+    rows = torch.arange(logits.shape[0], device=logits.device).unsqueeze(-1)
+    log_probs = torch.log_softmax(logits[rows, column].float(), dim=-1)  # [B, K, V]
+    picked = log_probs.gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked.masked_fill(~valid, float("-inf"))

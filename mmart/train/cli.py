@@ -23,11 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.set_defaults(func=_init)
 
     p = sub.add_parser(
-        "sft", help="supervised fine-tuning: answer with the played artwork's letter (LoRA + projector)",
+        "sft", help="supervised fine-tuning towards the played artwork (LoRA + projector)",
         description=(
-            "Fine-tune the chooser (LLM + artwork projector, LoRA via PEFT) on TRL's SFTTrainer to answer each "
-            "played train impression with the played artwork's letter (loss on the letter only; candidate order "
-            "shuffled per example). Checkpoints every sft.save_steps under <output_dir>/sft/checkpoints and "
+            "Fine-tune the chooser (LLM + artwork projector, LoRA via PEFT) on TRL's SFTTrainer towards the played "
+            "artwork of each sampled train impression (candidate order shuffled per example). prompt.answer=letter: "
+            "TRL's loss on the answer letter only; prompt.answer=per_candidate: a softmax over the candidates' "
+            "scores, optionally mixed with a teacher's choice distribution (sft.teacher=reward_model). Checkpoints every sft.save_steps under <output_dir>/sft/checkpoints and "
             "resumes from the last one; writes <output_dir>/sft/model (adapter, projector, tokenizer, curves.png)."
         ))
     _config_args(p)
@@ -37,8 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "dpo", help="preference tuning after SFT: played artwork over shown-and-not-played ones",
         description=(
             "DPO on top of the SFT model (merged; the reference is the SFT model itself). dpo.method=fast scores "
-            "every candidate letter in one shared forward (policy and reference); dpo.method=trl runs TRL's "
-            "DPOTrainer on (chosen, rejected) pairs. Resumes from <output_dir>/dpo/checkpoints; writes "
+            "every candidate (letter or per-candidate score) in one shared forward (policy and reference); "
+            "dpo.method=trl runs TRL's DPOTrainer on (chosen, rejected) letter pairs. Resumes from <output_dir>/dpo/checkpoints; writes "
             "<output_dir>/dpo/model."
         ))
     _config_args(d)
@@ -60,7 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "predict", help="score every candidate of each member-title pair in one forward",
         description=(
             "Load a saved chooser and score each member-title pair of a split with one forward pass (the "
-            "probabilities of the candidate letters at the answer position). Writes one row per impression: "
+            "candidates' letter log-probabilities at the answer position, or each candidate's log p(' yes') "
+            "right after its artwork, per prompt.answer; softmax over the candidates). Writes one row per impression: "
             "candidates, their probabilities, the choice, the shown artwork's probability. Uses the prompt and "
             "cache settings saved with the model (pipeline.yaml) unless --config is given."
         ))

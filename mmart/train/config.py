@@ -38,6 +38,15 @@ class SFTStageConfig:
     propensity_clip: Optional[float] = field(default=10.0, metadata={
         "help": "Draw training examples with probability ~ min(1/propensity, clip) (importance resampling "
                 "against the serving policy's bias); null = uniform draw."})
+    teacher: Literal["none", "reward_model"] = field(default="none", metadata={
+        "help": "per_candidate only. reward_model: also fit a logistic regression on the train logs (mmart.eval."
+                "reward_model) and train towards its choice distribution q_k / sum(q): a denoised version of the "
+                "played label, far more signal per example than one noisy play."})
+    teacher_weight: float = field(default=0.5, metadata={
+        "help": "Loss = (1 - w) * CE(played) + w * CE(teacher distribution)."})
+    teacher_temperature: float = field(default=1.0, metadata={
+        "help": "Teacher distribution = softmax(logit(q) / T). Choosing is ranking: T < 1 sharpens the teacher's "
+                "ranking into a stronger signal than its nearly flat play probabilities."})
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps (resume point)."})

@@ -54,16 +54,50 @@ def _encoded(builder: ExampleBuilder, examples: list[Example], tokenizer, desc: 
         yield ex, encode(builder, ex, tokenizer)
 
 
-def sft_dataset(builder: ExampleBuilder, examples: list[Example], tokenizer, rows_of: RowsOf) -> Dataset:
-    """Prompt + answer letter; loss on the letter only (labels -100 elsewhere)."""
+def sft_dataset(builder: ExampleBuilder, examples: list[Example], tokenizer, rows_of: RowsOf,
+                teacher=None, teacher_temperature: float = 1.0) -> Dataset:
+    """letter: prompt + answer letter, loss on the letter only (labels -100 elsewhere), TRL's own loss.
+    per_candidate: the prompt with each candidate's score position; the loss is a softmax over the K
+    candidates' scores (``ArtworkSFTTrainer.compute_loss``)."""
+    if builder.cfg.answer == "per_candidate":
+        return _per_candidate_sft(builder, examples, tokenizer, rows_of, teacher, teacher_temperature)
+    if teacher is not None:
+        raise UserError("sft.teacher needs prompt.answer=per_candidate (its loss is over the candidates)")
     out = []
     for ex, enc in _encoded(builder, examples, tokenizer, "encode sft"):
-        letter = enc["letter_ids"][enc["answer"]]
+        letter = enc["answer_ids"][enc["answer"]]
         out.append({
             "input_ids": enc["input_ids"] + [letter],
             "labels": [-100] * len(enc["input_ids"]) + [letter],
             "artwork_ids": rows_of(enc["artwork_ids"]),
             "propensity": ex.propensity if ex.propensity is not None else 1.0,
+        })
+    return Dataset.from_list(out)
+
+
+def teacher_targets(teacher, ex: Example, temperature: float = 1.0) -> list[float]:
+    """The teacher's choice distribution over the candidates: ``softmax(logit(q_k) / T)``.
+
+    ``q_k`` is the teacher's P(play | candidate k). A small T keeps the teacher's ranking and
+    drops its (nearly flat) probability scale: for a chooser, the ranking is what is learned.
+    """
+    q = np.clip(teacher.predict([ex.user_id] * len(ex.candidates), ex.candidates), 1e-6, 1 - 1e-6)
+    z = (np.log(q) - np.log1p(-q)) / temperature
+    p = np.exp(z - z.max())
+    return (p / p.sum()).tolist()
+
+
+def _per_candidate_sft(builder, examples, tokenizer, rows_of, teacher=None, temperature: float = 1.0) -> Dataset:
+    out = []
+    for ex, enc in _encoded(builder, examples, tokenizer, "encode sft"):
+        extra = {"target_probs": teacher_targets(teacher, ex, temperature)} if teacher is not None else {}
+        out.append({**extra,
+            "input_ids": enc["input_ids"],
+            "labels": [-100] * len(enc["input_ids"]),  # unused: the loss is over candidates, not tokens
+            "artwork_ids": rows_of(enc["artwork_ids"]),
+            "answer_ids": enc["answer_ids"],
+            "score_positions": enc["score_positions"],
+            "chosen": enc["answer"],
         })
     return Dataset.from_list(out)
 
@@ -75,7 +109,8 @@ def choice_dataset(builder: ExampleBuilder, examples: list[Example], tokenizer, 
         out.append({
             "example_id": ex.example_id,
             "prompt_ids": enc["input_ids"],
-            "letter_ids": enc["letter_ids"],
+            "answer_ids": enc["answer_ids"],
+            "score_positions": enc["score_positions"],
             "artwork_ids": rows_of(enc["artwork_ids"]),
             "chosen": -1 if ex.answer is None else ex.answer,
             "rejected": list(ex.rejected),

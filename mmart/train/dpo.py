@@ -21,6 +21,7 @@ from datasets import Dataset
 
 from mmart.config import PipelineConfig
 from mmart.distributed import distributed_state
+from mmart.errors import UserError
 from mmart.model.checkpoint import add_lora, export_merged, load_chooser, lora_config, read_spec, save_chooser
 from mmart.model.chooser import set_artwork_cache
 from mmart.train.common import (
@@ -65,6 +66,9 @@ def merged_sft(sft_model_dir: Path) -> Path:
 def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_dir: str | Path | None = None) -> Path:
     out = Path(out_dir or f"{cfg.output_dir}/dpo")
     sft_dir = Path(sft_model_dir or f"{cfg.output_dir}/sft/model")
+    if cfg.dpo.method == "trl" and cfg.prompt.answer != "letter":
+        raise UserError("dpo.method=trl scores completions with TRL's DPOTrainer, which needs prompt.answer=letter; "
+                        "per_candidate answers train with dpo.method=fast")
     read_spec(sft_dir)  # a clear error when SFT has not run
     start = time.perf_counter()
     with distributed_state().main_process_first():  # one process merges; the others then read it

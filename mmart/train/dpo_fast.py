@@ -11,6 +11,10 @@ and one reference forward per *prompt* give all K letters' log-probabilities
 each rejected one. The per-pair losses are TRL's to within float error
 (tests/train/test_dpo_fast.py), provided TRL's completion is the letter token alone.
 
+The same loss applies to the per-candidate readout (``prompt.answer: per_candidate``):
+each candidate's log-probability is then read at its own position (``score_positions``)
+instead of at the answer position; there is no TRL equivalent of that form.
+
 Also here: ``MultimodalDPOTrainer``, TRL's own ``DPOTrainer`` made to accept the chooser's
 pre-tokenized, artwork-carrying pairs, so TRL's loss variants stay available and the
 fast path can be checked against the real thing.
@@ -18,7 +22,7 @@ fast path can be checked against the real thing.
 Example formats (pre-tokenized, produced by the examples module):
 
 * multiple choice (fast path): ``prompt_ids: list[int]`` (ends at the answer position),
-  ``artwork_ids: list[int]`` (cache rows in slot order), ``letter_ids: list[int]`` (K
+  ``artwork_ids: list[int]`` (cache rows in slot order), ``answer_ids: list[int]`` (K
   answer tokens), ``chosen: int`` (index into the K letters), ``rejected: list[int]``
   (indices of the rejected letters; the others are ignored).
 * pairs (TRL): ``prompt_ids``, ``chosen_ids: [letter]``, ``rejected_ids: [letter]``,
@@ -40,7 +44,7 @@ from transformers import Trainer, TrainingArguments
 from trl import DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from mmart.model.batching import pad_artwork_ids, pad_sequences
+from mmart.model.batching import candidate_batch, pad_artwork_ids, pad_sequences
 from mmart.model.scoring import score_letters
 
 FAST_LOSS_TYPES = ("sigmoid", "robust")
@@ -70,10 +74,10 @@ def multiple_choice_dpo_losses(
     """
     if loss_type not in FAST_LOSS_TYPES:
         raise ValueError(f"the fast DPO path supports loss types {FAST_LOSS_TYPES}, got {loss_type!r}")
-    logratios = policy_logps - ref_logps  # [B, K]
-    chosen_logratios = logratios.gather(-1, chosen.view(-1, 1))  # [B, 1]
+    raw = policy_logps - ref_logps  # [B, K]; NaN where a padded letter has -inf in both
+    chosen_logratios = raw.gather(-1, chosen.view(-1, 1))  # [B, 1]
     # Padded letters have -inf log-probs; keep them out of the arithmetic, not just the mean.
-    logratios = torch.where(rejected_mask, logratios, torch.zeros_like(logratios))
+    logratios = torch.where(rejected_mask, raw, torch.zeros_like(raw))
     delta = beta * (chosen_logratios - logratios)  # [B, K]
     eps = label_smoothing
     if loss_type == "sigmoid":
@@ -81,7 +85,8 @@ def multiple_choice_dpo_losses(
     else:
         losses = (-(1 - eps) * F.logsigmoid(delta) + eps * F.logsigmoid(-delta)) / (1 - 2 * eps)
     losses = torch.where(rejected_mask, losses, torch.zeros_like(losses))
-    return losses, beta * logratios.detach()
+    rewards = torch.where(torch.isfinite(policy_logps) & torch.isfinite(ref_logps), raw, torch.zeros_like(raw))
+    return losses, beta * rewards.detach()  # every real candidate's reward, the chosen one included
 
 
 @dataclass
@@ -124,10 +129,11 @@ def fast_dpo_loss(
     """One policy forward (with grad) and one reference forward (no grad) over the shared prompts.
 
     ``batch``: ``input_ids``/``attention_mask`` ``[B, L]``, ``artwork_ids`` ``[B, M]``,
-    ``letter_ids`` ``[B, K]`` (-1 pad), ``chosen`` ``[B]``, ``rejected_mask`` ``[B, K]``.
+    ``answer_ids`` ``[B, K]`` (-1 pad), ``chosen`` ``[B]``, ``rejected_mask`` ``[B, K]``.
     The reference is ``ref_model`` or, for a PEFT policy, the policy with its adapter off.
     """
-    inputs = (batch["input_ids"], batch["attention_mask"], batch.get("artwork_ids"), batch["letter_ids"])
+    inputs = (batch["input_ids"], batch["attention_mask"], batch.get("artwork_ids"), batch["answer_ids"],
+              batch.get("score_positions"))
     policy_logps = score_letters(model, *inputs)
     with torch.no_grad():
         if ref_model is not None:
@@ -135,7 +141,7 @@ def fast_dpo_loss(
         else:
             with reference_context(model):
                 ref_logps = score_letters(model, *inputs)
-    rejected_mask = batch["rejected_mask"].bool() & (batch["letter_ids"] >= 0)
+    rejected_mask = batch["rejected_mask"].bool() & (batch["answer_ids"] >= 0)
     losses, rewards = multiple_choice_dpo_losses(
         policy_logps, ref_logps, batch["chosen"], rejected_mask, beta, label_smoothing, loss_type
     )
@@ -162,10 +168,9 @@ class MultipleChoiceCollator:
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         input_ids, attention_mask = pad_sequences([e["prompt_ids"] for e in examples], self.pad_token_id)
-        letters = [list(e["letter_ids"]) for e in examples]
-        width = max(len(row) for row in letters)
-        letter_ids = torch.tensor([row + [-1] * (width - len(row)) for row in letters], dtype=torch.long)
-        rejected_mask = torch.zeros_like(letter_ids, dtype=torch.bool)
+        cands = candidate_batch(examples)
+        answer_ids = cands["answer_ids"]
+        rejected_mask = torch.zeros_like(answer_ids, dtype=torch.bool)
         for i, e in enumerate(examples):
             if e["chosen"] in e["rejected"]:
                 raise ValueError(f"example {i}: the chosen letter {e['chosen']} is also listed as rejected")
@@ -174,7 +179,7 @@ class MultipleChoiceCollator:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "artwork_ids": pad_artwork_ids([e.get("artwork_ids", []) for e in examples]),
-            "letter_ids": letter_ids,
+            **cands,
             "chosen": torch.tensor([int(e["chosen"]) for e in examples], dtype=torch.long),
             "rejected_mask": rejected_mask,
         }
@@ -187,11 +192,14 @@ def expand_to_pairs(examples: Sequence[dict[str, Any]]) -> Iterator[dict[str, An
     fast path scores, and the condition for its losses to equal TRL's.
     """
     for e in examples:
+        if e.get("score_positions"):
+            raise ValueError("TRL's DPOTrainer scores completions, not per-candidate positions: "
+                             "dpo.method=trl needs prompt.answer=letter (or use dpo.method=fast)")
         for r in e["rejected"]:
             yield {
                 "prompt_ids": list(e["prompt_ids"]),
-                "chosen_ids": [e["letter_ids"][e["chosen"]]],
-                "rejected_ids": [e["letter_ids"][r]],
+                "chosen_ids": [e["answer_ids"][e["chosen"]]],
+                "rejected_ids": [e["answer_ids"][r]],
                 "artwork_ids": list(e.get("artwork_ids", [])),
             }
 
@@ -203,7 +211,7 @@ class FastDPOConfig(TrainingArguments):
     beta: float = field(default=0.1, metadata={"help": "DPO temperature; higher keeps the policy closer to the reference."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Conservative/robust DPO label noise (0 = plain DPO)."})
     loss_type: str = field(default="sigmoid", metadata={"help": f"One of {FAST_LOSS_TYPES}."})
-    # The batch keys (letter_ids, chosen, ...) are not forward() arguments; keep them.
+    # The batch keys (answer_ids, chosen, ...) are not forward() arguments; keep them.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: the loss needs every key."})
 
 

@@ -1,4 +1,8 @@
-"""SFT: predict the played artwork's letter (loss on the answer only), on TRL's SFTTrainer.
+"""SFT on TRL's SFTTrainer: the played artwork is the target.
+
+``prompt.answer: letter``: TRL's own loss on the answer letter (labels masked to it).
+``prompt.answer: per_candidate``: a softmax over the K candidates' scores (log p(" yes") at
+each candidate's position), cross-entropy against the played one, in ``compute_loss``.
 
 Run as: ``mmart sft --config configs/default.yaml`` (resumes from its last checkpoint).
 """
@@ -15,7 +19,8 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from mmart.config import PipelineConfig, to_dict
 from mmart.distributed import distributed_state
-from mmart.model.batching import pad_artwork_ids
+from mmart.model.batching import candidate_batch, pad_artwork_ids
+from mmart.model.scoring import score_letters
 from mmart.model.checkpoint import add_lora, build_chooser, lora_config, resolve_base_model, save_chooser
 from mmart.model.chooser import chooser_projector, set_artwork_cache
 from mmart.train.align import align_projector, word_targets
@@ -37,11 +42,40 @@ class ArtworkSFTCollator(DataCollatorForLanguageModeling):
     def torch_call(self, examples):
         out = super().torch_call([{k: e[k] for k in ("input_ids", "labels")} for e in examples])
         out["artwork_ids"] = pad_artwork_ids([e["artwork_ids"] for e in examples])
+        if "score_positions" in examples[0]:
+            out.update(candidate_batch(examples))
+            out["chosen"] = torch.tensor([int(e["chosen"]) for e in examples], dtype=torch.long)
+        if "target_probs" in examples[0]:
+            width = out["answer_ids"].shape[1]
+            out["target_probs"] = torch.tensor([list(e["target_probs"]) + [0.0] * (width - len(e["target_probs"]))
+                                                for e in examples], dtype=torch.float32)
         return out
 
 
 class ArtworkSFTTrainer(ProjectorLRMixin, SFTTrainer):
-    """SFTTrainer with a separate projector learning rate; the artworks ride in the batch as ``artwork_ids``."""
+    """SFTTrainer with a separate projector learning rate; the artworks ride in the batch as ``artwork_ids``.
+
+    Batches with ``score_positions`` (per_candidate) are trained with a listwise loss instead of TRL's token loss.
+    """
+
+    teacher_weight: float = 0.5
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
+        if "score_positions" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        scores = score_letters(model, inputs["input_ids"], inputs["attention_mask"], inputs.get("artwork_ids"),
+                               inputs["answer_ids"], inputs["score_positions"])  # [B, K]
+        loss = torch.nn.functional.cross_entropy(scores, inputs["chosen"])
+        mode = "train" if model.training else "eval"
+        if "target_probs" in inputs:  # distillation towards the teacher's choice distribution
+            log_p = torch.log_softmax(scores, -1).masked_fill(inputs["answer_ids"] < 0, 0.0)
+            soft = -(inputs["target_probs"] * log_p).sum(-1).mean()
+            self._metrics[mode]["teacher_ce"].append(soft.item())
+            w = self.teacher_weight
+            loss = (1 - w) * loss + w * soft
+        self._metrics[mode]["choice_accuracy"].append(
+            (scores.argmax(-1) == inputs["chosen"]).float().mean().item())
+        return (loss, {"scores": scores}) if return_outputs else loss
 
 
 def build_model(cfg: PipelineConfig, cache=None, contract=None):
@@ -72,7 +106,14 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
     examples = subsample(inputs.builder.choice_examples("train"), cfg.sft.max_examples, cfg.sft.seed,
                          cfg.sft.propensity_clip)
     model, tokenizer = build_model(cfg, inputs.cache, inputs.contract)
-    data = sft_dataset(inputs.builder, examples, tokenizer, cache_rows(inputs.cache))
+    teacher = None
+    if cfg.sft.teacher == "reward_model":
+        from mmart.eval.reward_model import fit_reward_model
+
+        teacher = fit_reward_model(inputs.contract, "train")
+        print(f"[mmart sft] teacher: logistic reward model on the train logs, weight {cfg.sft.teacher_weight}")
+    data = sft_dataset(inputs.builder, examples, tokenizer, cache_rows(inputs.cache), teacher,
+                       cfg.sft.teacher_temperature)
     args = SFTConfig(**common_args(cfg.sft, out), max_length=None, packing=False,
                      dataset_kwargs={"skip_prepare_dataset": True}, weight_decay=cfg.sft.weight_decay,
                      **cfg.sft.extra)
@@ -80,6 +121,7 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
                                 data_collator=ArtworkSFTCollator(pad_token_id=tokenizer.pad_token_id),
                                 callbacks=callbacks)
     trainer.projector_lr = cfg.sft.projector_lr
+    trainer.teacher_weight = cfg.sft.teacher_weight
     resume = last_checkpoint(out)
     if resume:
         print(f"[mmart sft] resuming from {resume}")

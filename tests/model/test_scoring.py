@@ -70,3 +70,55 @@ def test_answer_positions_and_letter_tokens() -> None:
     assert len(letter_token_ids(tokenizer, 8).unique()) == 8
     with pytest.raises(ValueError, match="must be one"):
         letter_token_ids(tokenizer, ["Alien horror"])
+
+
+def _per_candidate_positions(tokenizer, prompts):
+    """Score each candidate right after its own slots: the last slot of each candidate (as in the real prompts)."""
+    slot = tokenizer.convert_tokens_to_ids("<artwork>")
+    out = []
+    for p in prompts:
+        slots = [i for i, t in enumerate(p) if t == slot]
+        out.append(slots[T - 1:: T])
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_per_candidate_readout_equals_full_logits_at_each_position(arch: str) -> None:
+    model, tokenizer = tiny_chooser(arch, tokens_per_artwork=T)
+    prompts, artworks = _examples(tokenizer)
+    positions = _per_candidate_positions(tokenizer, prompts)
+    yes = 7
+    tokens = torch.tensor([[yes] * 4, [yes] * 3 + [-1], [yes] * 4])
+    pos = torch.tensor([p + [0] * (4 - len(p)) for p in positions])
+    with torch.no_grad():
+        scores = score_letters(model, *pad_sequences(prompts, tokenizer.pad_token_id), pad_artwork_ids(artworks),
+                               tokens, pos)
+        for b, (prompt, rows) in enumerate(zip(prompts, artworks)):
+            logits = model(input_ids=torch.tensor([prompt]), artwork_ids=torch.tensor([rows])).logits[0]
+            for k, p in enumerate(positions[b]):
+                torch.testing.assert_close(scores[b, k], logits[p].log_softmax(-1)[yes], rtol=0, atol=1e-5)
+    assert scores[1, 3] == float("-inf")
+
+
+def test_per_candidate_scores_see_their_own_artwork_and_not_later_ones() -> None:
+    """Causal: changing candidate B's artwork moves B's (and later) scores, never A's."""
+    model, tokenizer = tiny_chooser("llama", tokens_per_artwork=T)
+    prompts, artworks = _examples(tokenizer)
+    prompt, rows = prompts[0], artworks[0]
+    pos = torch.tensor([_per_candidate_positions(tokenizer, [prompt])[0]])
+    tokens = torch.full((1, 4), 7)
+    ids, mask = pad_sequences([prompt], tokenizer.pad_token_id)
+    with torch.no_grad():
+        base = score_letters(model, ids, mask, torch.tensor([rows]), tokens, pos)
+        changed = score_letters(model, ids, mask, torch.tensor([[rows[0], 9, rows[2], rows[3]]]), tokens, pos)
+    assert abs(float(base[0, 0] - changed[0, 0])) < 1e-6
+    assert abs(float(base[0, 1] - changed[0, 1])) > 1e-4
+
+
+def test_per_candidate_position_past_the_row_is_refused() -> None:
+    model, tokenizer = tiny_chooser("llama", tokens_per_artwork=T)
+    prompts, artworks = _examples(tokenizer)
+    ids, mask = pad_sequences(prompts, tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match="past its row"):
+        score_letters(model, ids, mask, pad_artwork_ids(artworks), torch.full((3, 1), 7),
+                      torch.full((3, 1), ids.shape[1] - 1))

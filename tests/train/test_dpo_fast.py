@@ -31,11 +31,11 @@ def _multiple_choice_examples(tokenizer) -> list[dict]:
     letters = letter_token_ids(tokenizer, 4).tolist()
     return [
         {"prompt_ids": tiny_prompt_ids(tokenizer, 4, T), "artwork_ids": [0, 1, 2, 3],
-         "letter_ids": letters, "chosen": 2, "rejected": [0, 1, 3]},
+         "answer_ids": letters, "chosen": 2, "rejected": [0, 1, 3]},
         {"prompt_ids": tiny_prompt_ids(tokenizer, 3, T, history="Heat, crime."), "artwork_ids": [4, 5, 6],
-         "letter_ids": letters[:3], "chosen": 0, "rejected": [2]},
+         "answer_ids": letters[:3], "chosen": 0, "rejected": [2]},
         {"prompt_ids": tiny_prompt_ids(tokenizer, 4, T, history="Recently played: The Crown (drama)."),
-         "artwork_ids": [7, 8, 9, 10], "letter_ids": letters, "chosen": 3, "rejected": [0, 1]},
+         "artwork_ids": [7, 8, 9, 10], "answer_ids": letters, "chosen": 3, "rejected": [0, 1]},
     ]
 
 
@@ -162,3 +162,19 @@ def test_generate_still_takes_artwork_ids_after_trl_patched_the_model(setup) -> 
         out = trainer.model.generate(input_ids=ids, artwork_ids=artworks, max_new_tokens=2, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id)
     assert out.shape == (1, ids.shape[1] + 2)
+
+
+def test_fast_rewards_equal_trls_logged_rewards(setup) -> None:
+    """The logged rewards/chosen and rewards/margins are TRL's (the chosen reward is not a masked 0)."""
+    trainer, tokenizer, examples, pairs = setup
+    batch = MultipleChoiceCollator(tokenizer.pad_token_id)(examples)
+    with torch.no_grad():
+        fast = fast_dpo_loss(trainer.model, batch, beta=BETA)
+    per_pair_chosen = fast.chosen_rewards.unsqueeze(-1).expand_as(fast.pair_mask)[fast.pair_mask]
+    margins = (fast.chosen_rewards.unsqueeze(-1) - fast.rejected_rewards)[fast.pair_mask]
+    assert per_pair_chosen.abs().min() > 0
+    trainer._metrics["train"].clear()
+    _trl_loss(trainer, pairs)
+    logged = trainer._metrics["train"]
+    assert abs(per_pair_chosen.mean().item() - logged["rewards/chosen"][-1]) < 1e-5
+    assert abs(margins.mean().item() - logged["rewards/margins"][-1]) < 1e-5

@@ -88,6 +88,7 @@ def test_sft_dpo_predict_eval(cfg, tmp_path):
 
     preds = predict(dpo_dir, c.data_dir, "test", tmp_path / "p.parquet", progress=False)
     assert np.allclose([sum(p) for p in preds.probs], 1.0, atol=1e-5)
+    assert np.mean([max(p) - min(p) for p in preds.probs]) > 1e-3  # each candidate scored at its own position
     assert set(preds.choice) <= {a for c_ in preds.candidates for a in c_}
     again = predict(dpo_dir, c.data_dir, "test", None, progress=False)  # a fresh load scores identically
     assert [list(p) for p in again.probs] == [list(p) for p in preds.probs]
@@ -106,11 +107,16 @@ def test_sft_dpo_predict_eval(cfg, tmp_path):
     assert (tmp_path / "eval" / "policy_values.png").is_file()
 
 
-def test_trl_dpo_path_runs(cfg, tmp_path):
+def test_letter_answers_train_with_trl_dpo(cfg, tmp_path):
     from mmart.train.dpo import run_dpo
     from mmart.train.sft import run_sft
 
+    from mmart.errors import UserError
+
+    with pytest.raises(UserError, match="needs prompt.answer=letter"):
+        run_dpo(replace(cfg, dpo=replace(cfg.dpo, method="trl")))  # per_candidate scores have no TRL form
     c = with_out(cfg, tmp_path)
+    c = replace(c, prompt=replace(c.prompt, answer="letter"))
     run_sft(c)
     c = replace(c, dpo=replace(c.dpo, method="trl"))
     assert (run_dpo(c) / "adapter_model.safetensors").is_file()
@@ -134,3 +140,17 @@ def test_two_processes_agree_on_the_final_weights(cfg, tmp_path, home):
     assert set(digests) == {0, 1}, run.stdout[-2000:]
     assert digests[0] == digests[1]
     assert run.stdout.count("[mmart sft] saved") == 1  # only the main process writes the model
+
+
+def test_text_only_variant_trains_and_scores_without_a_cache(cfg, tmp_path):
+    """prompt.artwork_input=caption (the paper's text-only variant): same SFT, DPO and predict code, no slots."""
+    from mmart.predict import predict
+    from mmart.train.dpo import run_dpo
+    from mmart.train.sft import run_sft
+
+    c = with_out(cfg, tmp_path)
+    c = replace(c, prompt=replace(c.prompt, artwork_input="caption"), cache=replace(c.cache, dir=str(tmp_path / "none")))
+    dpo_dir = run_dpo(c, run_sft(c))
+    preds = predict(dpo_dir, c.data_dir, "test", None, progress=False)
+    assert np.allclose([sum(p) for p in preds.probs], 1.0, atol=1e-5)
+    assert not (tmp_path / "none").exists()  # no cache was needed or built

@@ -33,9 +33,8 @@ def score_rows(model, rows, pad_token_id: int, batch_size: int = 16, progress: b
         ids, mask = pad_sequences([r["prompt_ids"] for r in batch], pad_token_id)
         arts = pad_artwork_ids([r["artwork_ids"] for r in batch])
         cands = candidate_batch(batch)
-        has_art = bool((arts >= 0).any())
-        logp = score_letters(model, ids.to(dev), mask.to(dev), arts.to(dev) if has_art else None,
-                             cands["answer_ids"], cands.get("score_positions"))
+        logp = score_letters(model, ids.to(dev), mask.to(dev), arts.to(dev), cands["answer_ids"],
+                             cands.get("score_positions"))
         probs = torch.softmax(logp, dim=-1).cpu().numpy()
         for j, i in enumerate(idx):
             out[i] = probs[j, : len(batch[j]["answer_ids"])]

@@ -29,7 +29,8 @@ mmart config "$CONFIG" > "$OUT/pipeline.yaml"   # the resolved config this run u
 start=$SECONDS
 # How SFT and DPO are launched. Without a GPU and with >= 2 cores: two data-parallel processes
 # through accelerate (configs/accelerate/cpu_2proc.yaml, gloo), half the cores each; on this
-# 2-core machine SFT ran at 0.93 s per example vs ~1.1 s in one 2-thread process. batch_size is per
+# 2-core machine SFT ran at 0.93 s per example (vs 1.06 s as one 2-thread process on ~10% longer
+# prompts: a rough comparison, not a benchmark). sft/dpo batch_size is per
 # process. Override with MMART_LAUNCH, e.g. on GPUs:
 #   MMART_LAUNCH="accelerate launch --config_file configs/accelerate/multi_gpu_ddp.yaml -m mmart.cli"
 CORES=$(nproc)

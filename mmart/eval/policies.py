@@ -15,6 +15,7 @@ import pandas as pd
 
 from mmart.data.contract import Contract
 from mmart.errors import UserError
+from mmart.eval.reward_model import smoothed_rate
 
 
 @dataclass
@@ -93,8 +94,7 @@ def production_policy(es: EvalSet) -> np.ndarray:
 def artwork_play_rates(contract: Contract) -> dict[str, float]:
     """Smoothed train play rate of each artwork when shown: (plays + 1) / (shows + 2)."""
     imps = contract.frame("impressions")
-    tr = imps[imps.split == "train"].groupby("shown_artwork_id").played.agg(["sum", "count"])
-    return ((tr["sum"] + 1) / (tr["count"] + 2)).to_dict()
+    return smoothed_rate(imps[imps.split == "train"], "shown_artwork_id", prior=0.5)
 
 
 def popularity_policy(es: EvalSet, rates: dict[str, float]) -> np.ndarray:

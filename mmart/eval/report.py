@@ -40,9 +40,7 @@ def evaluate(data_dir: str | Path, preds: dict[str, str | Path], out_dir: str | 
     es = pol.eval_set(contract, split, pairs, data_dir / "oracle.parquet")
     rates = pol.artwork_play_rates(contract)
     reward_model = fit_reward_model(contract, "train")
-    q_hat = np.zeros(es.mask.shape)
-    for i, (u, c) in enumerate(zip(es.pairs.user_id, es.pairs.candidates)):
-        q_hat[i, : len(c)] = reward_model.predict([u] * len(c), c)
+    q_hat = reward_model.table(es.pairs.user_id, es.pairs.candidates, es.mask.shape[1])
     shown_q = q_hat[es.impressions.pair.to_numpy(), es.impressions.shown.to_numpy()]
     played = es.impressions.played.to_numpy(dtype=float)
 

@@ -81,11 +81,19 @@ class RewardModel:
         x1 = np.hstack([self.features(user_ids, artwork_ids), np.ones((len(user_ids), 1))])
         return 1.0 / (1.0 + np.exp(-(x1 @ self.weights)))
 
+    def table(self, user_ids, candidates, width: int) -> np.ndarray:
+        """``[P, width]`` expected play per (pair, candidate), 0 past a pair's own candidates (DR's q_hat)."""
+        q = np.zeros((len(candidates), width))
+        for i, (u, cands) in enumerate(zip(user_ids, candidates)):
+            q[i, : len(cands)] = self.predict([u] * len(cands), cands)
+        return q
+
 
 STRENGTH = {"shown_artwork_id": 2.0, "title_id": 2.0, "user_id": 5.0}  # pseudo-counts of the prior
 
 
-def _smoothed_rate(frame: pd.DataFrame, key: str, prior: float) -> dict[str, float]:
+def smoothed_rate(frame: pd.DataFrame, key: str, prior: float) -> dict[str, float]:
+    """Play rate per ``key`` with ``STRENGTH[key]`` pseudo-impressions at ``prior``."""
     g = frame.groupby(key).played.agg(["sum", "count"])
     return ((g["sum"] + STRENGTH[key] * prior) / (g["count"] + STRENGTH[key])).to_dict()
 
@@ -118,9 +126,9 @@ def fit_reward_model(contract: Contract, split: str = "train", l2: float = 1e-3)
     prior = float(train.played.mean()) if len(train) else 0.5
     model = RewardModel(
         weights=np.zeros(len(FEATURES) + 1),
-        artwork_rate=_smoothed_rate(train, "shown_artwork_id", prior),
-        title_rate=_smoothed_rate(train, "title_id", prior),
-        member_rate=_smoothed_rate(train, "user_id", prior),
+        artwork_rate=smoothed_rate(train, "shown_artwork_id", prior),
+        title_rate=smoothed_rate(train, "title_id", prior),
+        member_rate=smoothed_rate(train, "user_id", prior),
         prior=prior, tags=tags, member_tags=dict(member_tags), member_plays=dict(member_plays),
         title_of=dict(zip(arts.artwork_id, arts.title_id)),
     )

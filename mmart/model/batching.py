@@ -40,10 +40,10 @@ def pad_artwork_ids(rows: Sequence[Sequence[int]], width: int | None = None) -> 
     return out
 
 
-def pad_candidates(rows: Sequence[Sequence[int]], fill: int) -> torch.Tensor:
-    """``[B, K]`` from per-prompt candidate lists (answer tokens, score positions), padded with ``fill``."""
+def pad_candidates(rows: Sequence[Sequence[float]], fill: float, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """``[B, K]`` from per-prompt candidate lists (answer tokens, score positions, targets), padded with ``fill``."""
     width = max(len(r) for r in rows)
-    return torch.tensor([list(r) + [fill] * (width - len(r)) for r in rows], dtype=torch.long)
+    return torch.tensor([list(r) + [fill] * (width - len(r)) for r in rows], dtype=dtype)
 
 
 def candidate_batch(examples: Sequence[dict]) -> dict[str, torch.Tensor]:

@@ -61,25 +61,21 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
 
-def answer_logits(
+def logits_at(
     model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     artwork_ids: torch.Tensor | None,
+    positions: torch.Tensor,
 ) -> torch.Tensor:
-    """Next-token logits ``[B, V]`` at each row's answer position, in one forward.
+    """Next-token logits ``[B, P, V]`` at ``positions [B, P]`` of each row, in one forward.
 
     Only the needed positions go through the LM head (``logits_to_keep``): the full
     ``[B, L, V]`` logits would be ~0.5 GB for 16 prompts of 150 tokens with a 49k vocabulary.
     """
-    positions = answer_positions(attention_mask)  # [B]
-    if bool((positions < 0).any()):
-        raise ValueError("a row of attention_mask is all padding")
     keep = torch.unique(positions)  # [U], sorted
-    kwargs = {}
-    if artwork_ids is not None:
-        kwargs["artwork_ids"] = artwork_ids
     logits_to_keep: int | torch.Tensor = 1 if keep.numel() == 1 and int(keep) == input_ids.shape[1] - 1 else keep
+    kwargs = {"artwork_ids": artwork_ids} if artwork_ids is not None else {}
     outputs = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -90,7 +86,8 @@ def answer_logits(
     )
     logits = outputs.logits  # [B, U, V]
     column = torch.searchsorted(keep, positions) if logits.shape[1] > 1 else torch.zeros_like(positions)
-    return logits[torch.arange(logits.shape[0], device=logits.device), column]
+    rows = torch.arange(logits.shape[0], device=logits.device).unsqueeze(-1)
+    return logits[rows, column]
 
 
 def score_letters(
@@ -115,34 +112,22 @@ def score_letters(
     The log-softmax is over the whole vocabulary (not renormalised over the letters), as
     TRL's DPO and SFT losses see it; ``softmax`` over the K columns gives the choice.
     """
-    if positions is not None:
-        return _score_at_positions(model, input_ids, attention_mask, artwork_ids, letter_token_ids, positions)
-    logits = answer_logits(model, input_ids, attention_mask, artwork_ids)
-    log_probs = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
-    letters = letter_token_ids.to(log_probs.device)
-    if letters.ndim == 1:
-        letters = letters.unsqueeze(0).expand(log_probs.shape[0], -1)
-    picked = log_probs.gather(-1, letters.clamp(min=0))
-    return picked.masked_fill(letters < 0, float("-inf"))
-
-
-def _score_at_positions(model, input_ids, attention_mask, artwork_ids, token_ids, positions) -> torch.Tensor:
-    """``[B, K]``: log p(token_ids[b, k] | prefix up to positions[b, k]), one forward, LM head on those positions only."""
-    positions = positions.to(input_ids.device).long()
-    tokens = token_ids.to(input_ids.device)
+    tokens = letter_token_ids.to(input_ids.device)
     if tokens.ndim == 1:
-        tokens = tokens.unsqueeze(0).expand(positions.shape[0], -1)
-    valid = tokens >= 0
-    if bool((positions[valid] >= attention_mask.sum(-1, keepdim=True).expand_as(positions)[valid]).any()):
-        raise ValueError("a score position lies past its row's last real token (positions index right-padded rows)")
-    positions = positions.clamp(min=0)
-    keep = torch.unique(positions)  # [U], sorted
-    kwargs = {"artwork_ids": artwork_ids} if artwork_ids is not None else {}
-    outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                    logits_to_keep=keep, use_cache=False, **kwargs)
-    logits = outputs.logits  # [B, U, V]
-    column = torch.searchsorted(keep, positions)  # [B, K]
-    rows = torch.arange(logits.shape[0], device=logits.device).unsqueeze(-1)
-    log_probs = torch.log_softmax(logits[rows, column].float(), dim=-1)  # [B, K, V]
-    picked = log_probs.gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked.masked_fill(~valid, float("-inf"))
+        tokens = tokens.unsqueeze(0).expand(input_ids.shape[0], -1)
+    if positions is None:  # letters: every candidate read at the row's last real token
+        at = answer_positions(attention_mask).unsqueeze(-1)  # [B, 1]
+        if bool((at < 0).any()):
+            raise ValueError("a row of attention_mask is all padding")
+    else:
+        at = positions.to(input_ids.device).long()
+        lengths = attention_mask.sum(-1, keepdim=True).expand_as(at)
+        if bool((at[tokens >= 0] >= lengths[tokens >= 0]).any()):
+            raise ValueError("a score position lies past its row's last real token (positions index right-padded rows)")
+        at = at.clamp(min=0)
+    log_probs = torch.log_softmax(logits_at(model, input_ids, attention_mask, artwork_ids, at).float(), dim=-1)
+    if positions is None:
+        picked = log_probs[:, 0].gather(-1, tokens.clamp(min=0))  # [B, K] from one row of logits
+    else:
+        picked = log_probs.gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # one row per candidate
+    return picked.masked_fill(tokens < 0, float("-inf"))

@@ -28,8 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Fine-tune the chooser (LLM + artwork projector, LoRA via PEFT) on TRL's SFTTrainer towards the played "
             "artwork of each sampled train impression (candidate order shuffled per example). prompt.answer=letter: "
             "TRL's loss on the answer letter only; prompt.answer=per_candidate: a softmax over the candidates' "
-            "scores, optionally mixed with a teacher's choice distribution (sft.teacher=reward_model). Checkpoints every sft.save_steps under <output_dir>/sft/checkpoints and "
-            "resumes from the last one; writes <output_dir>/sft/model (adapter, projector, tokenizer, curves.png)."
+            "scores, optionally mixed with a teacher's choice distribution (sft.teacher=reward_model). "
+            "Checkpoints every sft.save_steps under <output_dir>/sft/checkpoints and resumes from the last one; writes <output_dir>/sft/model (adapter, projector, tokenizer, curves.png)."
         ))
     _config_args(p)
     p.set_defaults(func=_sft)
@@ -39,8 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "DPO on top of the SFT model (merged; the reference is the SFT model itself). dpo.method=fast scores "
             "every candidate (letter or per-candidate score) in one shared forward (policy and reference); "
-            "dpo.method=trl runs TRL's DPOTrainer on (chosen, rejected) letter pairs. Resumes from <output_dir>/dpo/checkpoints; writes "
-            "<output_dir>/dpo/model."
+            "dpo.method=trl runs TRL's DPOTrainer on (chosen, rejected) letter pairs. "
+            "Resumes from <output_dir>/dpo/checkpoints; writes <output_dir>/dpo/model."
         ))
     _config_args(d)
     d.add_argument("--sft-model", help="SFT chooser folder (default: <output_dir>/sft/model)")

@@ -88,18 +88,13 @@ def teacher_targets(teacher, ex: Example, temperature: float = 1.0) -> list[floa
 
 
 def _per_candidate_sft(builder, examples, tokenizer, rows_of, teacher=None, temperature: float = 1.0) -> Dataset:
-    out = []
-    for ex, enc in _encoded(builder, examples, tokenizer, "encode sft"):
-        extra = {"target_probs": teacher_targets(teacher, ex, temperature)} if teacher is not None else {}
-        out.append({**extra,
-            "input_ids": enc["input_ids"],
-            "labels": [-100] * len(enc["input_ids"]),  # unused: the loss is over candidates, not tokens
-            "artwork_ids": rows_of(enc["artwork_ids"]),
-            "answer_ids": enc["answer_ids"],
-            "score_positions": enc["score_positions"],
-            "chosen": enc["answer"],
-        })
-    return Dataset.from_list(out)
+    """The choice rows, named as TRL's collator expects (labels unused: the loss is over candidates)."""
+    rows = choice_dataset(builder, examples, tokenizer, rows_of).remove_columns(["example_id", "rejected"])
+    rows = rows.rename_column("prompt_ids", "input_ids")
+    rows = rows.add_column("labels", [[-100] * len(ids) for ids in rows["input_ids"]])
+    if teacher is not None:
+        rows = rows.add_column("target_probs", [teacher_targets(teacher, ex, temperature) for ex in examples])
+    return rows
 
 
 def choice_dataset(builder: ExampleBuilder, examples: list[Example], tokenizer, rows_of: RowsOf) -> Dataset:

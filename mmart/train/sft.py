@@ -19,7 +19,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from mmart.config import PipelineConfig, to_dict
 from mmart.distributed import distributed_state
-from mmart.model.batching import candidate_batch, pad_artwork_ids
+from mmart.model.batching import candidate_batch, pad_artwork_ids, pad_candidates
 from mmart.model.scoring import score_letters
 from mmart.model.checkpoint import add_lora, build_chooser, lora_config, resolve_base_model, save_chooser
 from mmart.model.chooser import chooser_projector, set_artwork_cache
@@ -46,9 +46,7 @@ class ArtworkSFTCollator(DataCollatorForLanguageModeling):
             out.update(candidate_batch(examples))
             out["chosen"] = torch.tensor([int(e["chosen"]) for e in examples], dtype=torch.long)
         if "target_probs" in examples[0]:
-            width = out["answer_ids"].shape[1]
-            out["target_probs"] = torch.tensor([list(e["target_probs"]) + [0.0] * (width - len(e["target_probs"]))
-                                                for e in examples], dtype=torch.float32)
+            out["target_probs"] = pad_candidates([e["target_probs"] for e in examples], 0.0, torch.float32)
         return out
 
 

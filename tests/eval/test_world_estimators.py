@@ -29,18 +29,10 @@ def world(tmp_path_factory):
     return contract, es
 
 
-def _q_hat(contract, es):
-    rm = fit_reward_model(contract, "train")
-    q = np.zeros(es.mask.shape)
-    for i, (u, c) in enumerate(zip(es.pairs.user_id, es.pairs.candidates)):
-        q[i, : len(c)] = rm.predict([u] * len(c), c)
-    return q
-
-
 def test_ips_snips_dr_cover_the_true_value_of_fixed_policies(world):
     contract, es = world
     assert es.size > 1500
-    q = _q_hat(contract, es)
+    q = fit_reward_model(contract, "train").table(es.pairs.user_id, es.pairs.candidates, es.mask.shape[1])
     fixed = {"random": pol.random_policy(es), "production": pol.production_policy(es),
              "popularity": pol.popularity_policy(es, pol.artwork_play_rates(contract))}
     for name, probs in fixed.items():

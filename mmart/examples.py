@@ -86,7 +86,7 @@ class ExampleBuilder:
 
     def __init__(self, contract: Contract, cfg: PromptConfig, tokens_per_artwork: int = 1):
         self.cfg = cfg
-        self.tokens_per_artwork = tokens_per_artwork  # slots per artwork: the cache's, never set twice
+        self.tokens_per_artwork = tokens_per_artwork  # slots per artwork: cache tokens x projector tokens
         titles = contract.frame("titles")
         self.titles = {r.title_id: r for r in titles.itertuples(index=False)}
         arts = contract.frame("artworks")
@@ -155,8 +155,10 @@ class ExampleBuilder:
 
     def history_lines(self, ex: Example) -> list[tuple[str, list[str]]]:
         """The member's history before the decision, most recent first: (line, artwork ids in its slots)."""
-        lines = []
+        lines: list[tuple[str, list[str]]] = []
         for ev in self.history.get(ex.user_id, []):
+            if len(lines) >= self.cfg.max_history:
+                break  # max_history 0: no lines (a history_summary can stand for the whole history)
             if int(ev["timestamp"]) >= ex.timestamp:
                 continue  # never condition on the future
             t = self.titles[ev["title_id"]]
@@ -168,8 +170,6 @@ class ExampleBuilder:
                 art_text, arts = self._artwork_text(ev["artwork_id"])
                 text += f", played from {art_text}"
             lines.append((text, arts))
-            if len(lines) >= self.cfg.max_history:
-                break
         return lines
 
     def history_summary(self, ex: Example) -> str | None:
@@ -186,8 +186,10 @@ class ExampleBuilder:
         if not counts:
             return None
         top = self.cfg.history_summary_top
-        groups = [" ".join(f"{v} {n}" for v, n in c.most_common()) if top <= 0 else ", ".join(v for v, _ in c.most_common(top))
-                  for _, c in sorted(counts.items())]
+        if top > 0:
+            groups = [", ".join(v for v, _ in c.most_common(top)) for _, c in sorted(counts.items())]
+        else:
+            groups = [" ".join(f"{v} {n}" for v, n in c.most_common()) for _, c in sorted(counts.items())]
         return "Played from looks: " + "; ".join(groups)
 
     def messages(self, ex: Example, count_tokens=None) -> tuple[list[dict], list[str]]:
@@ -211,12 +213,13 @@ class ExampleBuilder:
         if self.cfg.synopsis and getattr(t, "synopsis", None):
             title += f". {t.synopsis}"
         summary = [line for line in [self.history_summary(ex)] if line] if self.cfg.history_summary else []
+        # max_history 0 shows no lines at all (the summary, if on, stands for the history).
+        past = ["History, most recent first:", *(history or ["- (none)"])] if self.cfg.max_history > 0 else []
         if self.cfg.answer == "per_candidate":
-            head = ["History, most recent first:", *(history or ["- (none)"]), *summary, title,
-                    "Would they play it from each artwork (yes/no)?"]
+            head = [*past, *summary, title, "Would they play it from each artwork (yes/no)?"]
             tail = []
         else:
-            head = ["History, most recent first:", *(history or ["- (none)"]), *summary, title, "Artworks:"]
+            head = [*past, *summary, title, "Artworks:"]
             tail = [f"Answer with one letter ({LETTERS[0]}-{LETTERS[len(ex.candidates) - 1]})."]
         user = "\n".join([*head, *cand_lines, *tail])
         return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}], arts

@@ -18,10 +18,12 @@ from mmart.model.scoring import score_letters
 
 
 @torch.inference_mode()
-def score_rows(model, rows, pad_token_id: int, batch_size: int = 16, progress: bool = True) -> list[np.ndarray]:
+def score_rows(model, rows, pad_token_id: int, batch_size: int = 16, progress: bool = True,
+               bf16: bool = False) -> list[np.ndarray]:
     """Per row, the softmax over its K candidates' scores (letter or per-candidate readout; one forward per batch).
 
     Rows are sorted by length so a batch pads little; results come back in input order.
+    ``bf16``: run the forwards under bf16 autocast (the scores are taken in fp32).
     """
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt_ids"]))
     out: list[np.ndarray | None] = [None] * len(rows)
@@ -33,14 +35,29 @@ def score_rows(model, rows, pad_token_id: int, batch_size: int = 16, progress: b
         ids, mask = pad_sequences([r["prompt_ids"] for r in batch], pad_token_id)
         arts = pad_artwork_ids([r["artwork_ids"] for r in batch])
         cands = candidate_batch(batch)
-        logp = score_letters(model, ids.to(dev), mask.to(dev), arts.to(dev), cands["answer_ids"],
-                             cands.get("score_positions"))
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            logp = score_letters(model, ids.to(dev), mask.to(dev), arts.to(dev), cands["answer_ids"],
+                                 cands.get("score_positions"))
+        logp = logp.float()
         probs = torch.softmax(logp, dim=-1).cpu().numpy()
         for j, i in enumerate(idx):
             out[i] = probs[j, : len(batch[j]["answer_ids"])]
         bar.update(len(idx))
     bar.close()
     return out  # type: ignore[return-value]
+
+
+def uniform_pairs(impressions: pd.DataFrame, split: str) -> set[tuple[str, str]]:
+    """(user_id, title_id) of ``split``'s pairs with an impression logged uniformly at random."""
+    from mmart.errors import UserError
+
+    if "logging_policy" not in impressions.columns:
+        raise UserError("--slice uniform needs impressions.logging_policy (the optional column that marks the "
+                        "uniformly random slice with 'uniform'); this dataset has none: use --slice all")
+    rows = impressions[(impressions.split == split) & (impressions.logging_policy == "uniform")]
+    if rows.empty:
+        raise UserError(f"no {split} impression has logging_policy == 'uniform': use --slice all")
+    return set(zip(rows.user_id, rows.title_id))
 
 
 def predictions_frame(examples, probs, impressions: pd.DataFrame) -> pd.DataFrame:
@@ -67,15 +84,19 @@ def predictions_frame(examples, probs, impressions: pd.DataFrame) -> pd.DataFram
 
 def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | Path | None,
             cfg=None, batch_size: int = 16, max_pairs: int = 0, seed: int = 0, progress: bool = True,
-            pairs: set[tuple[str, str]] | None = None) -> pd.DataFrame:
+            pairs: set[tuple[str, str]] | None = None, slice_: str = "all") -> pd.DataFrame:
     """Load a saved chooser and score every member-title pair of ``split`` (or only ``pairs``,
-    (user_id, title_id) tuples; or a seeded sample of ``max_pairs``); write Parquet if ``out``."""
+    (user_id, title_id) tuples; or a seeded sample of ``max_pairs``); write Parquet if ``out``.
+
+    ``slice_="uniform"`` keeps only pairs with an impression logged uniformly at random, so a
+    sample of ``max_pairs`` spends all its scoring on the slice with an unbiased hit rate.
+    """
     import yaml
 
     from mmart.config import PipelineConfig, from_dict
     from mmart.model.checkpoint import load_chooser
-    from mmart.model.chooser import set_artwork_cache
-    from mmart.train.common import device, load_inputs
+    from mmart.model.chooser import set_artwork_cache, slots_per_artwork
+    from mmart.train.common import device, load_inputs, use_bf16
     from mmart.train.data import cache_rows, choice_dataset, subsample
 
     start = time.perf_counter()
@@ -88,12 +109,18 @@ def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | 
     model, tokenizer, _ = load_chooser(model_dir, device=device())
     if inputs.cache is not None:
         set_artwork_cache(model, inputs.cache.embeddings)
+        inputs.builder.tokens_per_artwork = slots_per_artwork(model)  # the saved projector decides, not a config
     examples = inputs.builder.pair_examples(split)
     if pairs is not None:
         examples = [ex for ex in examples if (ex.user_id, ex.title_id) in pairs]
+    if slice_ == "uniform":
+        uniform = uniform_pairs(inputs.contract.frame("impressions"), split)
+        examples = [ex for ex in examples if (ex.user_id, ex.title_id) in uniform]
+    elif slice_ != "all":
+        raise ValueError(f"slice must be 'all' or 'uniform', got {slice_!r}")
     examples = subsample(examples, max_pairs, seed)
     rows = choice_dataset(inputs.builder, examples, tokenizer, cache_rows(inputs.cache)).to_list()
-    probs = score_rows(model, rows, tokenizer.pad_token_id, batch_size, progress)
+    probs = score_rows(model, rows, tokenizer.pad_token_id, batch_size, progress, bf16=use_bf16(cfg.eval.bf16))
     imps = inputs.contract.frame("impressions")
     frame = predictions_frame(examples, probs, imps[imps.split == split])
     if out:

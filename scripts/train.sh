@@ -24,6 +24,7 @@ get() { mmart config "$CONFIG" --get "$1"; }
 DATA=$(get data_dir)
 OUT=$(get output_dir)
 PAIRS=$(get eval.max_pairs)
+SLICE=$(get eval.pairs)   # all, or only the uniformly logged test pairs
 mkdir -p "$OUT"
 mmart config "$CONFIG" > "$OUT/pipeline.yaml"   # the resolved config this run used
 start=$SECONDS
@@ -91,10 +92,10 @@ fi
 pids=()
 for name in dpo sft init; do
   if todo predict "$OUT/preds/$name.parquet"; then
-    stage "predict $name on $PAIRS test pairs (log: $OUT/preds/$name.log)"
+    stage "predict $name on $PAIRS test pairs, slice $SLICE (log: $OUT/preds/$name.log)"
     mkdir -p "$OUT/preds"
     OMP_NUM_THREADS=1 mmart predict --model "$OUT/$name/model" --data "$DATA" --split test --max-pairs "$PAIRS" \
-      --out "$OUT/preds/$name.parquet" > "$OUT/preds/$name.log" 2>&1 &
+      --slice "$SLICE" --out "$OUT/preds/$name.parquet" > "$OUT/preds/$name.log" 2>&1 &
     pids+=($!)
   fi
 done

@@ -133,3 +133,14 @@ def test_history_summary_counts_the_tags_of_played_from_artworks_before_the_deci
 def _pairs(group: str) -> list[str]:
     words = group.split(" ")
     return [f"{words[i]} {words[i + 1]}" for i in range(0, len(words), 2)]
+
+
+def test_max_history_zero_leaves_only_the_summary(contract):
+    b = ExampleBuilder(contract, PromptConfig(history_summary=True, max_history=0))
+    ex = next(e for e in b.choice_examples("train") if b.history_summary(e))
+    assert b.history_lines(ex) == []
+    user = b.messages(ex)[0][1]["content"]
+    assert "History" not in user and user.startswith("Played from looks: ")
+    _, arts = b.messages(ex)
+    assert arts == list(ex.candidates)  # no history artworks, only the candidates' slots
+

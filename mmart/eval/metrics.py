@@ -34,6 +34,18 @@ def policy_metrics(es: EvalSet, probs: np.ndarray, n_boot: int = 1000, seed: int
         out[f"hit_rate_{name}"] = {**bootstrap(lambda i: hit[i].mean(), pairs, n_boot, seed=seed).as_dict(), "n": len(rows)}
         out[f"mrr_{name}"] = {**bootstrap(lambda i: rr[i].mean(), pairs, n_boot, seed=seed).as_dict(), "n": len(rows)}
 
+    if es.p_play is not None:
+        # The same hit rate in expectation over the plays, from the demo world's play model: every uniformly
+        # logged impression (played or not) weighted by its shown artwork's true play probability. It ranks
+        # policies as the realized hit rate does, without the noise of a few dozen plays.
+        uni = imps[imps.logging_policy == "uniform"]
+        if len(uni):
+            pairs, shown = uni.pair.to_numpy(), uni.shown.to_numpy()
+            weight, hit = es.p_play[pairs, shown], probs[pairs, shown]
+            out["hit_rate_uniform_expected"] = {
+                **bootstrap(lambda i: (hit[i] * weight[i]).sum() / weight[i].sum(), pairs, n_boot, seed=seed).as_dict(),
+                "n": len(uni)}
+
     # Off-policy values on each pair's first impression: the policy's decision, before any stopping.
     first = imps[imps["first"]]
     pairs, shown = first.pair.to_numpy(), first.shown.to_numpy()

@@ -94,17 +94,21 @@ def markdown(report: dict) -> str:
         "",
         "Values with 95% bootstrap intervals over pairs. Hit rate on the uniformly-logged slice is unbiased; "
         "IPS/SNIPS/DR use each pair's first logged impression; true value is the exact expected play rate "
-        "from the demo world's play model. DR's reward model: logistic regression on train "
+        "from the demo world's play model; expected hit rate weights every uniformly logged impression (played "
+        "or not) by its shown artwork's true play probability (the hit rate's expectation over the plays, demo "
+        "world only). DR's reward model: logistic regression on train "
         f"(log-loss {report['reward_model']['log_loss']:.3f} on these impressions vs "
         f"{report['reward_model']['log_loss_constant']:.3f} for a constant).",
         "",
-        "| policy | hit rate (uniform slice) | IPS | SNIPS | DR | true value | lift vs production |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| policy | hit rate (uniform slice) | expected hit rate (uniform slice) | IPS | SNIPS | DR | true value "
+        "| lift vs production |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, m in report["policies"].items():
         lift = m.get("lift")
         lift_txt = _fmt(lift, pct=True) + (" (no evidence)" if lift and verdict(lift) == "no evidence" else "") if lift else "-"
-        lines.append(f"| {name} | {_fmt(m.get('hit_rate_uniform'))} | {_fmt(m.get('ips'))} | {_fmt(m.get('snips'))} | "
+        lines.append(f"| {name} | {_fmt(m.get('hit_rate_uniform'))} | {_fmt(m.get('hit_rate_uniform_expected'))} | "
+                     f"{_fmt(m.get('ips'))} | {_fmt(m.get('snips'))} | "
                      f"{_fmt(m.get('dr'))} | {_fmt(m.get('true_value'))} | {lift_txt} |")
     gaps = {n: m["gap_closed"] for n, m in report["policies"].items() if "gap_closed" in m and n not in ("oracle",)}
     if gaps:

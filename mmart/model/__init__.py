@@ -23,6 +23,7 @@ from mmart.model.chooser import (
     chooser_projector,
     chooser_slot_token_id,
     set_artwork_cache,
+    slots_per_artwork,
 )
 from mmart.model.llm import SLOT_TOKEN, add_slot_token, ensure_default_llm, load_llm
 from mmart.model.projector import ArtworkProjector, ProjectorConfig, build_projector
@@ -49,5 +50,6 @@ __all__ = [
     "lora_config",
     "save_chooser",
     "score_letters",
+    "slots_per_artwork",
     "set_artwork_cache",
 ]

@@ -99,12 +99,15 @@ def build_chooser(
     trust_remote_code: bool = False,
     slot_token: str = SLOT_TOKEN,
     home: Path | None = None,
+    projector_tokens: int = 1,
 ) -> tuple[PreTrainedModel, Any]:
-    """A fresh chooser (LLM + new projector for ``cache_dim``-wide artwork vectors) and its tokenizer."""
+    """A fresh chooser (LLM + new projector for ``cache_dim``-wide artwork vectors) and its tokenizer.
+
+    ``projector_tokens``: prompt slots each cached vector fills (the projector's E)."""
     llm, tokenizer = load_llm(
         resolve_base_model(base_model, home), dtype, attn_implementation, trust_remote_code, slot_token
     )
-    projector = build_projector(cache_dim, llm.get_input_embeddings(), projector_kind)
+    projector = build_projector(cache_dim, llm.get_input_embeddings(), projector_kind, projector_tokens)
     attach_artworks(llm, projector, tokenizer.convert_tokens_to_ids(slot_token), slot_token=slot_token,
                     base_model=base_model)
     return llm, tokenizer

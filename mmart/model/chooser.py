@@ -7,13 +7,14 @@ H LLM hidden size.
 How a prompt is laid out (what the examples module must produce)
 -----------------------------------------------------------------
 * Render the conversation with the LLM's own chat template; where a candidate's image
-  belongs, write the slot token (``SLOT_TOKEN``, ``<artwork>``) T times in a row, e.g.
-  ``"A <artwork><artwork>\\nB <artwork><artwork>\\n"`` for T=2. The slot token is an added
+  belongs, write the slot token (``SLOT_TOKEN``, ``<artwork>``) T * E times in a row
+  (E = the projector's outputs per cached vector, ``slots_per_artwork(model)``), e.g.
+  ``"A <artwork><artwork>\\nB <artwork><artwork>\\n"`` for T * E = 2. The slot token is an added
   special token, so each copy is exactly one token id (``chooser_slot_token_id(model)``),
   whatever surrounds it; tokenize the rendered text with ``add_special_tokens=False``.
 * ``artwork_ids[b]`` lists the cache rows of the artworks of prompt b **in the order
   their slots appear**, padded with -1 on the right: ``[B, M]`` long. Prompt b must hold
-  exactly ``T * (number of ids >= 0 in artwork_ids[b])`` slot tokens; anything else raises.
+  exactly ``T * E * (number of ids >= 0 in artwork_ids[b])`` slot tokens; anything else raises.
 * The answer (SFT target, DPO completion, scored letter) follows the generation prompt:
   with ChatML, the first assistant token, e.g. ``A``.
 
@@ -126,7 +127,7 @@ def attach_artworks(
     """Turn a causal LM into the chooser, in place, and return it.
 
     Call before wrapping with PEFT (``get_peft_model``) or handing it to a trainer.
-    ``projector`` maps ``[..., D] -> [..., H]``; ``cache`` ``[N, T, D]`` may be set later;
+    ``projector`` maps ``[..., T, D] -> [..., T * E, H]``; ``cache`` ``[N, T, D]`` may be set later;
     ``slot_token`` and ``base_model`` are only recorded, for ``save_chooser``.
     """
     if hasattr(llm, "get_base_model") or not isinstance(llm, PreTrainedModel):
@@ -201,11 +202,19 @@ def _projector_config(projector: nn.Module):
     return base.config
 
 
+def slots_per_artwork(model: nn.Module) -> int:
+    """Prompt slots per artwork: the cache's vectors per artwork x the projector's outputs per vector."""
+    state = artwork_state(model)
+    if state.cache is None:
+        raise RuntimeError("the chooser has no artwork cache: call set_artwork_cache(model, cache) first")
+    return int(state.cache.shape[1]) * _projector_config(chooser_projector(model)).tokens
+
+
 def project_artworks(inner: nn.Module, artwork_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Projected vectors ``[n_valid * T, H]`` for the valid (>= 0) ids of ``artwork_ids`` ``[B, M]``.
+    """Projected vectors ``[n_valid * T * E, H]`` for the valid (>= 0) ids of ``artwork_ids`` ``[B, M]``.
 
     Row-major order (prompt 0's artworks first, each in its listed order, each artwork's
-    T vectors in order) is the order ``masked_scatter`` fills the slots in.
+    T * E vectors in order) is the order ``masked_scatter`` fills the slots in.
     """
     state: ArtworkState = getattr(inner, STATE_ATTR)
     projector = getattr(inner, PROJECTOR_ATTR)
@@ -251,15 +260,16 @@ def _inject_artworks(
 
     if state.cache is None:
         raise RuntimeError("the chooser has no artwork cache: call set_artwork_cache(model, cache) first")
-    tokens_per_artwork = int(state.cache.shape[1])
-    expected = (artwork_ids >= 0).sum(dim=-1).to(slots_per_row.device) * tokens_per_artwork
+    per_artwork = int(state.cache.shape[1]) * _projector_config(getattr(inner, PROJECTOR_ATTR)).tokens
+    expected = (artwork_ids >= 0).sum(dim=-1).to(slots_per_row.device) * per_artwork
     if not torch.equal(expected, slots_per_row):
         bad = (expected != slots_per_row).nonzero().flatten().tolist()[:5]
         raise ValueError(
             "artwork vectors and slot tokens do not match: rows "
-            f"{bad} have slots {slots_per_row[bad].tolist()} but artworks x tokens_per_artwork = "
-            f"{expected[bad].tolist()} (tokens_per_artwork={tokens_per_artwork}). Each artwork in artwork_ids needs "
-            "exactly tokens_per_artwork consecutive slot tokens in its prompt."
+            f"{bad} have slots {slots_per_row[bad].tolist()} but artworks x slots per artwork = "
+            f"{expected[bad].tolist()} (cache tokens_per_artwork {int(state.cache.shape[1])} x projector tokens "
+            f"{per_artwork // int(state.cache.shape[1])}). Each artwork in artwork_ids needs exactly that many "
+            "consecutive slot tokens in its prompt: build prompts with ExampleBuilder(..., slots_per_artwork)."
         )
 
     embeds = inner.get_input_embeddings()(input_ids)  # [B, L, H]

@@ -115,13 +115,15 @@ def tiny_chooser(
     num_artworks: int = 12,
     projector_kind: ProjectorKind = "mlp2x_gelu",
     seed: int = 0,
+    projector_tokens: int = 1,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """A tiny chooser with its cache installed, and its tokenizer."""
+    """A tiny chooser with its cache installed, and its tokenizer (``tokens_per_artwork * projector_tokens``
+    slots per artwork)."""
     tokenizer = tiny_tokenizer(slot_token=None)
     llm = tiny_llm(arch, vocab_size=len(tokenizer), seed=seed)
     slot_id = add_slot_token(llm, tokenizer)
     torch.manual_seed(seed + 1)
-    projector = build_projector(cache_dim, llm.get_input_embeddings(), projector_kind)
+    projector = build_projector(cache_dim, llm.get_input_embeddings(), projector_kind, projector_tokens)
     cache = tiny_artwork_cache(num_artworks, tokens_per_artwork, cache_dim, seed)
     attach_artworks(llm, projector, slot_id, cache=cache, base_model=f"tiny-{arch}")
     return llm.eval(), tokenizer

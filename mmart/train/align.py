@@ -26,41 +26,81 @@ def describe(tags, caption, source: str) -> str:
     return " ".join(words)
 
 
+def split_words(words: list[str], slots: int) -> list[list[str]]:
+    """``words`` in ``slots`` consecutive groups, as even as possible (tags: one family per slot
+    when there are as many slots as tags, e.g. theme / shot / tone / title)."""
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, got {slots}")
+    size, extra = divmod(len(words), slots)
+    groups, start = [], 0
+    for e in range(slots):
+        end = start + size + (1 if e < extra else 0)
+        groups.append(words[start:end])
+        start = end
+    return groups
+
+
 @torch.no_grad()
-def word_targets(contract: Contract, artwork_ids: list[str], tokenizer, embedding: nn.Embedding, source: str) -> torch.Tensor:
-    """Mean input embedding of each artwork's description: [N, H]."""
+def word_targets(contract: Contract, artwork_ids: list[str], tokenizer, embedding: nn.Embedding, source: str,
+                 slots: int = 1) -> torch.Tensor:
+    """Target embedding of each artwork's slots: ``[N, slots, H]``.
+
+    Slot e's target is the mean, over the e-th group of the artwork's describing words
+    (``split_words``), of each word's first-token input embedding; a group with no word
+    targets the EOS embedding. First token, not the mean of a word's tokens: with one word
+    per slot the slot then lands on a real token (" close" for "close-up"), which the LLM
+    reads like the same token in the history text, while a mean of " close", "-" and "up"
+    is a vector it has never seen.
+    """
     arts = contract.frame("artworks").set_index("artwork_id")
-    rows = []
     weight = embedding.weight
+    cached: dict[str, torch.Tensor] = {}
+
+    def word_vector(word: str) -> torch.Tensor:
+        if word not in cached:
+            ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+            cached[word] = weight[ids[0]].float()
+        return cached[word]
+
+    rows = []
     for aid in artwork_ids:
         r = arts.loc[aid]
-        # Average per word first, so a word split into several tokens ("close-up") weighs as one word.
-        words = describe(r.get("tags"), r.get("caption"), source).split() or [tokenizer.eos_token]
-        vecs = [weight[torch.tensor(tokenizer(" " + w, add_special_tokens=False)["input_ids"], device=weight.device)]
-                .float().mean(0) for w in words]
-        rows.append(torch.stack(vecs).mean(0))
+        words = describe(r.get("tags"), r.get("caption"), source).split()
+        groups = split_words(words, slots)
+        rows.append(torch.stack([torch.stack([word_vector(w) for w in (g or [tokenizer.eos_token])]).mean(0)
+                                 for g in groups]))
     return torch.stack(rows)
 
 
 def align_projector(projector: nn.Module, vectors: torch.Tensor, targets: torch.Tensor, steps: int = 300,
                     lr: float = 3e-3, seed: int = 0) -> dict[str, float]:
-    """Fit ``projector(vectors[:, t]) ~ targets`` for every slot t (MSE, full batch, Adam).
+    """Fit ``projector(vectors)`` to ``targets`` (MSE relative to the targets' power, full batch, Adam).
 
-    vectors: [N, T, D] cached artwork vectors; targets: [N, H]. Returns the first and last loss.
+    vectors: ``[N, T, D]`` cached artwork vectors; targets: ``[N, E, H]`` (or ``[N, H]`` for E = 1),
+    one per projector output of a cached vector, the same for each of its T vectors.
+    Returns the first and last loss and the seconds taken.
     """
     torch.manual_seed(seed)
     start = time.perf_counter()
     params = [p for p in projector.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     x = vectors.float()
-    y = targets.to(x.device)[:, None, :].expand(-1, x.shape[1], -1)
+    targets = targets.to(x.device).float()
+    if targets.ndim == 2:
+        targets = targets[:, None, :]
+    n, t = x.shape[0], x.shape[1]
+    y = targets[:, None].expand(n, t, *targets.shape[1:]).reshape(n, t * targets.shape[1], targets.shape[-1])
     scale = y.pow(2).mean()
     first = last = float("nan")
     was_training = projector.training
     projector.train()
     with torch.enable_grad():
         for step in range(steps):
-            loss = (projector(x) - y).pow(2).mean() / scale
+            out = projector(x)
+            if out.shape != y.shape:
+                raise ValueError(f"projector gives {tuple(out.shape)} per batch but the targets are {tuple(y.shape)}: "
+                                 "build targets with slots = the projector's tokens")
+            loss = (out - y).pow(2).mean() / scale
             opt.zero_grad()
             loss.backward()
             opt.step()

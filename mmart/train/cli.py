@@ -74,6 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides on --config")
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--max-pairs", type=int, default=0, help="score a seeded sample of this many pairs (0 = all)")
+    r.add_argument("--slice", default="all", choices=["all", "uniform"],
+                   help="uniform: only pairs with an impression logged by the uniformly random policy "
+                        "(impressions.logging_policy == 'uniform'), the slice whose hit rate is unbiased")
     r.set_defaults(func=_predict)
 
 
@@ -125,6 +128,6 @@ def _predict(args) -> int:
 
     cfg = _load(args) if args.config else None
     frame = predict(args.model, args.data, args.split, args.out, cfg=cfg, batch_size=args.batch_size,
-                    max_pairs=args.max_pairs)
+                    max_pairs=args.max_pairs, slice_=args.slice)
     print(f"wrote {args.out}: {len(frame)} impressions")
     return 0

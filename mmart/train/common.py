@@ -36,7 +36,14 @@ def load_inputs(cfg: PipelineConfig, data_dir: str | None = None, check: bool = 
 
         cache = ArtworkCache.load(cfg.cache_dir, device(), expect=cfg.vision,
                                   tokens_per_artwork=cfg.cache.tokens_per_artwork)
-    return StageInputs(contract, ExampleBuilder(contract, cfg.prompt, cfg.cache.tokens_per_artwork), cache)
+    return StageInputs(contract, ExampleBuilder(contract, cfg.prompt, cfg.slots_per_artwork), cache)
+
+
+def use_bf16(setting: bool | None) -> bool:
+    """A ``bf16`` config field: ``None`` = on for a GPU that supports it, else as set."""
+    if setting is None:
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return bool(setting)
 
 
 def report_to() -> str:
@@ -44,8 +51,14 @@ def report_to() -> str:
     return "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
 
 
-def common_args(stage_cfg: Any, out_dir: Path) -> dict[str, Any]:
-    """TrainingArguments fields every stage sets the same way."""
+def common_args(stage_cfg: Any, out_dir: Path, slots: bool = False) -> dict[str, Any]:
+    """TrainingArguments fields every stage sets the same way.
+
+    ``slots``: prompts carry artwork slots, so every trainable weight (LoRA, the projector
+    copy) takes part in every forward and DDP can skip its per-step search for unused ones
+    (were one unused, DDP would raise rather than hang). Caption prompts leave the projector
+    unused, so they keep the search.
+    """
     on_gpu = torch.cuda.is_available()
     return dict(
         output_dir=str(out_dir / "checkpoints"),
@@ -61,14 +74,33 @@ def common_args(stage_cfg: Any, out_dir: Path) -> dict[str, Any]:
         save_total_limit=2,
         seed=stage_cfg.seed,
         data_seed=stage_cfg.seed,
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        bf16=use_bf16(stage_cfg.bf16),
         use_cpu=not on_gpu,
         activation_checkpointing=stage_cfg.gradient_checkpointing,
         report_to=report_to(),
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        ddp_find_unused_parameters=not slots,
     )
+
+
+def freeze_projector_if_unlearned(model: torch.nn.Module, projector_lr: float) -> bool:
+    """``projector_lr`` 0: keep the projector exactly as stage 0 (or SFT) left it.
+
+    The aligned slots sit on the LLM's tag-word tokens; SFT at a high projector rate moved
+    them off (cosine to their tokens 0.99 -> 0.54-0.73 in a default-sized run) and lost
+    ~0.06 true value. Frozen (no gradient, not in the optimizer), the LoRA layers learn to
+    read word-like slots instead. Returns whether it froze anything.
+    """
+    if projector_lr != 0:
+        return False
+    frozen = False
+    for name, p in model.named_parameters():
+        if PROJECTOR_ATTR in name and p.requires_grad:
+            p.requires_grad_(False)
+            frozen = True
+    return frozen
 
 
 class ProjectorLRMixin:

@@ -23,11 +23,12 @@ from mmart.config import PipelineConfig
 from mmart.distributed import distributed_state
 from mmart.errors import UserError
 from mmart.model.checkpoint import add_lora, export_merged, load_chooser, lora_config, read_spec, save_chooser
-from mmart.model.chooser import set_artwork_cache
+from mmart.model.chooser import set_artwork_cache, slots_per_artwork
 from mmart.train.common import (
     ProjectorLRMixin,
     common_args,
     device,
+    freeze_projector_if_unlearned,
     last_checkpoint,
     load_inputs,
     save_curves,
@@ -80,11 +81,15 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
     model = add_lora(model, lora_config(m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target))
     if inputs.cache is not None:
         set_artwork_cache(model, inputs.cache.embeddings)
+        inputs.builder.tokens_per_artwork = slots_per_artwork(model)  # the SFT projector decides
     examples = subsample(inputs.builder.preference_examples("train"), cfg.dpo.max_examples, cfg.dpo.seed)
     rows = choice_dataset(inputs.builder, examples, tokenizer, cache_rows(inputs.cache))
     d = cfg.dpo
+    if freeze_projector_if_unlearned(model, d.projector_lr):
+        print("[mmart dpo] projector frozen (dpo.projector_lr = 0)")
+    shared = common_args(d, out, slots=cfg.prompt.artwork_input == "embeddings")
     if d.method == "fast":
-        args = FastDPOConfig(**common_args(d, out), beta=d.beta, loss_type=d.loss_type,
+        args = FastDPOConfig(**shared, beta=d.beta, loss_type=d.loss_type,
                              label_smoothing=d.label_smoothing, **d.extra)
         trainer = FastTrainer(model=model, args=args, train_dataset=rows,
                               data_collator=MultipleChoiceCollator(pad_token_id=tokenizer.pad_token_id))
@@ -92,7 +97,7 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
         from trl import DPOConfig
 
         pairs = Dataset.from_list(list(expand_to_pairs(rows.to_list())))
-        args = DPOConfig(**common_args(d, out), beta=d.beta, loss_type=[d.loss_type], label_smoothing=d.label_smoothing,
+        args = DPOConfig(**shared, beta=d.beta, loss_type=[d.loss_type], label_smoothing=d.label_smoothing,
                          max_length=None, **d.extra)
         trainer = TRLTrainer(model, args=args, train_dataset=pairs, processing_class=tokenizer)
     trainer.projector_lr = d.projector_lr

@@ -27,6 +27,7 @@ from mmart.train.align import align_projector, word_targets
 from mmart.train.common import (
     ProjectorLRMixin,
     common_args,
+    freeze_projector_if_unlearned,
     last_checkpoint,
     load_inputs,
     save_curves,
@@ -83,12 +84,13 @@ def build_model(cfg: PipelineConfig, cache=None, contract=None):
     resolve_base_model(m.base_model)  # first use converts or builds it (and touches the RNG): before seeding
     torch.manual_seed(m.seed)
     model, tokenizer = build_chooser(m.base_model, cache.dim if cache is not None else 8, m.projector, m.dtype,
-                                     m.attn_implementation, m.trust_remote_code)
+                                     m.attn_implementation, m.trust_remote_code, projector_tokens=m.projector_tokens)
     if cache is not None:
         set_artwork_cache(model, cache.embeddings)
         if m.projector_init != "random" and contract is not None:
             projector = chooser_projector(model)
-            targets = word_targets(contract, cache.artwork_ids, tokenizer, model.get_input_embeddings(), m.projector_init)
+            targets = word_targets(contract, cache.artwork_ids, tokenizer, model.get_input_embeddings(), m.projector_init,
+                                   slots=m.projector_tokens)
             stats = align_projector(projector, cache.embeddings, targets, m.projector_init_steps, seed=m.seed)
             print(f"[mmart] projector aligned to the LLM's embeddings of artwork {m.projector_init}: "
                   f"loss {stats['loss_first']:.3f} -> {stats['loss_last']:.3f} in {stats['seconds']:.1f}s")
@@ -112,7 +114,10 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
         print(f"[mmart sft] teacher: logistic reward model on the train logs, weight {cfg.sft.teacher_weight}")
     data = sft_dataset(inputs.builder, examples, tokenizer, cache_rows(inputs.cache), teacher,
                        cfg.sft.teacher_temperature)
-    args = SFTConfig(**common_args(cfg.sft, out), max_length=None, packing=False,
+    if freeze_projector_if_unlearned(model, cfg.sft.projector_lr):
+        print("[mmart sft] projector frozen (sft.projector_lr = 0): the slots keep their stage-0 word alignment")
+    shared = common_args(cfg.sft, out, slots=cfg.prompt.artwork_input == "embeddings")
+    args = SFTConfig(**shared, max_length=None, packing=False,
                      dataset_kwargs={"skip_prepare_dataset": True}, weight_decay=cfg.sft.weight_decay,
                      **cfg.sft.extra)
     trainer = ArtworkSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,

@@ -45,6 +45,22 @@ def test_ips_snips_dr_cover_the_true_value_of_fixed_policies(world):
         assert m["dr"]["high"] - m["dr"]["low"] <= m["ips"]["high"] - m["ips"]["low"]
 
 
+def test_expected_uniform_hit_rate_agrees_with_the_realized_one_and_ranks_policies(world):
+    """The expected hit rate (uniform impressions weighted by true play probability) is what the realized hit rate
+    estimates: it lies in the realized one's interval, and it orders random < production < oracle."""
+    _, es = world
+    expected = {}
+    for name, probs in {"random": pol.random_policy(es), "production": pol.production_policy(es),
+                        "oracle": pol.oracle_policy(es)}.items():
+        m = policy_metrics(es, probs, n_boot=300, seed=0)
+        realized, exp = m["hit_rate_uniform"], m["hit_rate_uniform_expected"]
+        assert realized["low"] <= exp["value"] <= realized["high"], name
+        assert exp["n"] > realized["n"]  # every uniform impression, not only the played ones
+        expected[name] = exp["value"]
+    assert expected["random"] == pytest.approx(0.25, abs=1e-9)  # 4 candidates everywhere in this world
+    assert expected["random"] < expected["production"] < expected["oracle"]
+
+
 def test_ips_of_the_logging_policy_is_its_logged_play_rate(world):
     _, es = world
     first = es.impressions[es.impressions["first"]]

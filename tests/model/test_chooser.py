@@ -18,6 +18,7 @@ from mmart.model.chooser import (
     chooser_slot_token_id,
     decoder_of,
     set_artwork_cache,
+    slots_per_artwork,
 )
 from mmart.model.scoring import letter_token_ids, score_letters
 from mmart.model.testing import tiny_chooser, tiny_prompt_ids
@@ -49,8 +50,11 @@ def _manual_embeds(model, input_ids, artwork_ids):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_slots_receive_the_projected_artworks_in_order(arch: str) -> None:
-    model, tokenizer = tiny_chooser(arch, tokens_per_artwork=T)
+@pytest.mark.parametrize("cached, emitted", [(T, 1), (1, T)])
+def test_slots_receive_the_projected_artworks_in_order(arch: str, cached: int, emitted: int) -> None:
+    """T slots per artwork either as T cached vectors each projected once, or one vector projected to T."""
+    model, tokenizer = tiny_chooser(arch, tokens_per_artwork=cached, projector_tokens=emitted)
+    assert slots_per_artwork(model) == T
     input_ids, attention_mask, artwork_ids = _batch(tokenizer)
     with torch.no_grad():
         injected = model(input_ids=input_ids, attention_mask=attention_mask, artwork_ids=artwork_ids).logits
@@ -85,6 +89,10 @@ def test_the_forward_refuses_what_it_cannot_inject() -> None:
     artwork_state(model).cache = None
     with pytest.raises(RuntimeError, match="no artwork cache"):
         model(input_ids=input_ids, attention_mask=attention_mask, artwork_ids=artwork_ids)
+    # A projector emitting 2 vectors per artwork needs twice the slots, and says so.
+    wide, _ = tiny_chooser("llama", tokens_per_artwork=T, projector_tokens=2)
+    with pytest.raises(ValueError, match="projector tokens 2"):
+        wide(input_ids=input_ids, attention_mask=attention_mask, artwork_ids=artwork_ids)
     # Text-only prompts need no artworks.
     text_only = torch.tensor([tiny_prompt_ids(tokenizer, 0, T)])
     model(input_ids=text_only)

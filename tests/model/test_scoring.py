@@ -122,3 +122,17 @@ def test_per_candidate_position_past_the_row_is_refused() -> None:
     with pytest.raises(ValueError, match="past its row"):
         score_letters(model, ids, mask, pad_artwork_ids(artworks), torch.full((3, 1), 7),
                       torch.full((3, 1), ids.shape[1] - 1))
+
+
+def test_bf16_scoring_stays_close_to_fp32_and_returns_fp32_probabilities() -> None:
+    from mmart.predict import score_rows
+
+    model, tokenizer = tiny_chooser("llama", tokens_per_artwork=T)
+    prompts, artworks = _examples(tokenizer)
+    letters = letter_token_ids(tokenizer, 4).tolist()
+    rows = [{"prompt_ids": p, "artwork_ids": a, "answer_ids": letters[: len(a)]} for p, a in zip(prompts, artworks)]
+    full = score_rows(model, rows, tokenizer.pad_token_id, progress=False)
+    half = score_rows(model, rows, tokenizer.pad_token_id, progress=False, bf16=True)
+    for f, h in zip(full, half):
+        assert h.dtype == f.dtype and abs(h.sum() - 1) < 1e-5
+        assert abs(h - f).max() < 0.05

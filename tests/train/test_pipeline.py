@@ -92,6 +92,9 @@ def test_sft_dpo_predict_eval(cfg, tmp_path):
     assert set(preds.choice) <= {a for c_ in preds.candidates for a in c_}
     again = predict(dpo_dir, c.data_dir, "test", None, progress=False)  # a fresh load scores identically
     assert [list(p) for p in again.probs] == [list(p) for p in preds.probs]
+    uniform = predict(dpo_dir, c.data_dir, "test", None, progress=False, slice_="uniform")
+    by_pair = preds.groupby(["user_id", "title_id"]).logging_policy.apply(lambda s: (s == "uniform").any())
+    assert set(uniform.groupby(["user_id", "title_id"]).size().index) == set(by_pair[by_pair].index)
 
     # The DPO reference (adapter disabled) is exactly the merged SFT model.
     dpo_model, tok, _ = load_chooser(dpo_dir)
@@ -130,6 +133,8 @@ def test_two_processes_agree_on_the_final_weights(cfg, tmp_path, home):
     from mmart.config import to_dict
 
     c = with_out(cfg, tmp_path)
+    # As the default config trains: projector frozen after stage 0, bf16 autocast.
+    c = replace(c, sft=replace(c.sft, projector_lr=0.0, bf16=True))
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(to_dict(c)))
     cmd = ["accelerate", "launch", "--config_file", str(CONFIG_ROOT / "accelerate" / "cpu_2proc.yaml"),
            "--num_processes", "2", "-m", "mmart.cli", "sft", "--config", str(tmp_path / "cfg.yaml")]
@@ -154,3 +159,22 @@ def test_text_only_variant_trains_and_scores_without_a_cache(cfg, tmp_path):
     preds = predict(dpo_dir, c.data_dir, "test", None, progress=False)
     assert np.allclose([sum(p) for p in preds.probs], 1.0, atol=1e-5)
     assert not (tmp_path / "none").exists()  # no cache was needed or built
+
+
+def test_projector_lr_zero_trains_lora_and_keeps_the_stage0_projector(cfg, tmp_path):
+    from mmart.model.checkpoint import load_chooser
+    from mmart.model.chooser import chooser_projector, set_artwork_cache
+    from mmart.train.common import load_inputs
+    from mmart.train.sft import build_model, run_sft
+
+    c = with_out(cfg, tmp_path)
+    c = replace(c, sft=replace(c.sft, projector_lr=0.0, max_examples=6))
+    trained, _, _ = load_chooser(run_sft(c))
+    inputs = load_inputs(c)
+    fresh, _ = build_model(c, inputs.cache, inputs.contract)  # seeded: the same stage-0 projector
+    set_artwork_cache(trained, inputs.cache.embeddings)
+    vectors = inputs.cache.embeddings.float()
+    with torch.no_grad():
+        torch.testing.assert_close(chooser_projector(trained)(vectors), chooser_projector(fresh)(vectors))
+    lora_b = [p for n, p in trained.named_parameters() if "lora_B" in n]
+    assert lora_b and any(float(p.abs().max()) > 0 for p in lora_b)  # LoRA B starts at 0: it did train

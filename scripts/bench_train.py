@@ -5,6 +5,7 @@ Run as: python scripts/bench_train.py [--config configs/default.yaml] [--example
 (a) DPO: the shared-prompt fast path vs TRL's DPOTrainer on the same preference examples (examples/s).
 (b) Choosing: one forward scoring all K letters vs K forwards (one per candidate) vs generating the answer.
 (c) A training step reading artwork vectors from the cache vs running the vision tower inside the step.
+(d) A training step (forward, backward, AdamW) in fp32 vs under bf16 autocast (``sft.bf16``), same batch.
 All three use letter answers (prompt.answer=letter), the form TRL's DPOTrainer and generate() share.
 Needs the config's cache (bash scripts/build_cache.sh). Medians of repeats; noisy on a shared machine.
 """
@@ -158,13 +159,44 @@ def bench_step(cfg, inputs, n: int, repeats: int) -> dict:
     return out
 
 
+def bench_precision(cfg, inputs, n: int, repeats: int) -> dict:
+    """fp32 vs bf16 autocast for one SFT-shaped step on the same batch (fp32 master weights either way)."""
+    from mmart.train.data import sft_dataset
+
+    model, tok = build_model(cfg, inputs.cache, None)
+    model.train()
+    rows = sft_dataset(inputs.builder, subsample(inputs.builder.choice_examples("train"), n, 0), tok,
+                       cache_rows(inputs.cache)).to_list()
+    ids, mask = pad_sequences([r["input_ids"] for r in rows], tok.pad_token_id)
+    labels, _ = pad_sequences([r["labels"] for r in rows], -100)
+    arts = pad_artwork_ids([r["artwork_ids"] for r in rows])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    device_type = next(model.parameters()).device.type
+
+    def step(bf16: bool):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels, artwork_ids=arts).loss
+        loss.backward(); opt.step(); opt.zero_grad()
+
+    out = {"examples": n, "tokens_per_example": float(mask.sum()) / n}
+    for name, flag in (("fp32", False), ("bf16", True)):
+        step(flag)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter(); step(flag); times.append(time.perf_counter() - start)
+        out[name] = {"seconds": statistics.median(times), "examples_per_s": n / statistics.median(times)}
+    out["speedup"] = out["bf16"]["examples_per_s"] / out["fp32"]["examples_per_s"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/default.yaml")
     ap.add_argument("--set", nargs="*", default=[])
     ap.add_argument("--examples", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--only", nargs="*", default=["dpo", "choosing", "step"])
+    ap.add_argument("--only", nargs="*", default=["dpo", "choosing", "step", "precision"],
+                    help="which comparisons to run: dpo, choosing, step, precision")
     ap.add_argument("--out", default="outputs/bench/train.json")
     args = ap.parse_args(argv)
     cfg = load_config(PipelineConfig, args.config, args.set)
@@ -180,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         results["choosing"] = bench_choosing(cfg, inputs, args.examples, args.repeats)
     if "step" in args.only:
         results["step"] = bench_step(cfg, inputs, min(args.examples, 8), args.repeats)
+    if "precision" in args.only:
+        results["precision"] = bench_precision(cfg, inputs, min(args.examples, 8), args.repeats)
     print(f"{'what':<44}{'A':>14}{'B':>14}{'ratio':>10}")
     if "dpo" in results:
         d = results["dpo"]
@@ -197,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['tower_in_step']['examples_per_s']:>14.3f}"
               f"{s['cache']['examples_per_s'] / s['tower_in_step']['examples_per_s']:>10.2f}")
         print(f"peak RSS of the process: {s['peak_rss_mb_process']:.0f} MB")
+    if "precision" in results:
+        q = results["precision"]
+        print(f"{'train step ex/s: bf16 autocast (A) vs fp32 (B)':<44}{q['bf16']['examples_per_s']:>14.3f}"
+              f"{q['fp32']['examples_per_s']:>14.3f}{q['speedup']:>10.2f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {args.out}")

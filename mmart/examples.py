@@ -86,7 +86,7 @@ class ExampleBuilder:
 
     def __init__(self, contract: Contract, cfg: PromptConfig, tokens_per_artwork: int = 1):
         self.cfg = cfg
-        self.tokens_per_artwork = tokens_per_artwork  # slots per artwork: cache tokens x projector tokens
+        self.tokens_per_artwork = tokens_per_artwork  # slots per artwork: PipelineConfig.slots_per_artwork
         titles = contract.frame("titles")
         self.titles = {r.title_id: r for r in titles.itertuples(index=False)}
         arts = contract.frame("artworks")

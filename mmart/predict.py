@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from mmart.data.contract import UNIFORM_POLICY
 from mmart.model.batching import candidate_batch, pad_artwork_ids, pad_sequences
 from mmart.model.scoring import score_letters
 
@@ -37,8 +38,7 @@ def score_rows(model, rows, pad_token_id: int, batch_size: int = 16, progress: b
         cands = candidate_batch(batch)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             logp = score_letters(model, ids.to(dev), mask.to(dev), arts.to(dev), cands["answer_ids"],
-                                 cands.get("score_positions"))
-        logp = logp.float()
+                                 cands.get("score_positions"))  # fp32 log-softmax even under autocast
         probs = torch.softmax(logp, dim=-1).cpu().numpy()
         for j, i in enumerate(idx):
             out[i] = probs[j, : len(batch[j]["answer_ids"])]
@@ -54,9 +54,9 @@ def uniform_pairs(impressions: pd.DataFrame, split: str) -> set[tuple[str, str]]
     if "logging_policy" not in impressions.columns:
         raise UserError("--slice uniform needs impressions.logging_policy (the optional column that marks the "
                         "uniformly random slice with 'uniform'); this dataset has none: use --slice all")
-    rows = impressions[(impressions.split == split) & (impressions.logging_policy == "uniform")]
+    rows = impressions[(impressions.split == split) & (impressions.logging_policy == UNIFORM_POLICY)]
     if rows.empty:
-        raise UserError(f"no {split} impression has logging_policy == 'uniform': use --slice all")
+        raise UserError(f"no {split} impression has logging_policy == {UNIFORM_POLICY!r}: use --slice all")
     return set(zip(rows.user_id, rows.title_id))
 
 
@@ -95,7 +95,7 @@ def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | 
 
     from mmart.config import PipelineConfig, from_dict
     from mmart.model.checkpoint import load_chooser
-    from mmart.model.chooser import set_artwork_cache, slots_per_artwork
+    from mmart.model.chooser import set_artwork_cache
     from mmart.train.common import device, load_inputs, use_bf16
     from mmart.train.data import cache_rows, choice_dataset, subsample
 
@@ -109,15 +109,14 @@ def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | 
     model, tokenizer, _ = load_chooser(model_dir, device=device())
     if inputs.cache is not None:
         set_artwork_cache(model, inputs.cache.embeddings)
-        inputs.builder.tokens_per_artwork = slots_per_artwork(model)  # the saved projector decides, not a config
+    if slice_ not in ("all", UNIFORM_POLICY):
+        raise ValueError(f"slice must be 'all' or {UNIFORM_POLICY!r}, got {slice_!r}")
+    if slice_ == UNIFORM_POLICY:
+        uniform = uniform_pairs(inputs.contract.frame("impressions"), split)
+        pairs = uniform if pairs is None else pairs & uniform
     examples = inputs.builder.pair_examples(split)
     if pairs is not None:
         examples = [ex for ex in examples if (ex.user_id, ex.title_id) in pairs]
-    if slice_ == "uniform":
-        uniform = uniform_pairs(inputs.contract.frame("impressions"), split)
-        examples = [ex for ex in examples if (ex.user_id, ex.title_id) in uniform]
-    elif slice_ != "all":
-        raise ValueError(f"slice must be 'all' or 'uniform', got {slice_!r}")
     examples = subsample(examples, max_pairs, seed)
     rows = choice_dataset(inputs.builder, examples, tokenizer, cache_rows(inputs.cache)).to_list()
     probs = score_rows(model, rows, tokenizer.pad_token_id, batch_size, progress, bf16=use_bf16(cfg.eval.bf16))

@@ -43,6 +43,7 @@ OPTIONAL_COLUMNS = {
     # ``logging_policy`` ("production" / "uniform") marks the uniformly-random slice.
     "impressions": {"logging_policy": "str"},
 }
+UNIFORM_POLICY = "uniform"  # the logging_policy value of the uniformly random slice
 SPLITS = ("train", "val", "test")
 ID_COLUMNS = {"titles": "title_id", "artworks": "artwork_id", "users": "user_id", "impressions": "impression_id"}
 MAX_PROBLEMS_PER_RULE = 20

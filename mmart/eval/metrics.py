@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mmart.data.contract import UNIFORM_POLICY
 from mmart.eval import ope
 from mmart.eval.bootstrap import Estimate, bootstrap
 from mmart.eval.policies import EvalSet
@@ -24,8 +25,8 @@ def policy_metrics(es: EvalSet, probs: np.ndarray, n_boot: int = 1000, seed: int
     imps = es.impressions
     out: dict[str, dict] = {}
     played = imps[imps.played.astype(bool)]
-    for name, rows in (("uniform", played[played.logging_policy == "uniform"]),
-                       ("production", played[played.logging_policy != "uniform"])):
+    for name, rows in (("uniform", played[played.logging_policy == UNIFORM_POLICY]),
+                       ("production", played[played.logging_policy != UNIFORM_POLICY])):
         if not len(rows):
             continue
         pairs, shown = rows.pair.to_numpy(), rows.shown.to_numpy()
@@ -38,7 +39,7 @@ def policy_metrics(es: EvalSet, probs: np.ndarray, n_boot: int = 1000, seed: int
         # The same hit rate in expectation over the plays, from the demo world's play model: every uniformly
         # logged impression (played or not) weighted by its shown artwork's true play probability. It ranks
         # policies as the realized hit rate does, without the noise of a few dozen plays.
-        uni = imps[imps.logging_policy == "uniform"]
+        uni = imps[imps.logging_policy == UNIFORM_POLICY]
         if len(uni):
             pairs, shown = uni.pair.to_numpy(), uni.shown.to_numpy()
             weight, hit = es.p_play[pairs, shown], probs[pairs, shown]

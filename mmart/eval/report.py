@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mmart.data.contract import load_contract
+from mmart.data.contract import UNIFORM_POLICY, load_contract
 from mmart.errors import UserError
 from mmart.eval import policies as pol
 from mmart.eval.metrics import policy_metrics, relative_to, verdict
@@ -61,7 +61,7 @@ def evaluate(data_dir: str | Path, preds: dict[str, str | Path], out_dir: str | 
     logged = es.impressions[es.impressions["first"]]
     report = {
         "split": split, "pairs": es.size, "impressions": len(es.impressions),
-        "played_uniform_impressions": int((es.impressions.played & (es.impressions.logging_policy == "uniform")).sum()),
+        "played_uniform_impressions": int((es.impressions.played & (es.impressions.logging_policy == UNIFORM_POLICY)).sum()),
         "logged_play_rate_first_impressions": float(logged.played.mean()),
         "dataset": str(data_dir), "dataset_fingerprint": _fingerprint(data_dir),
         "predictions": {k: str(v) for k, v in preds.items()},

@@ -204,10 +204,14 @@ def _projector_config(projector: nn.Module):
 
 def slots_per_artwork(model: nn.Module) -> int:
     """Prompt slots per artwork: the cache's vectors per artwork x the projector's outputs per vector."""
-    state = artwork_state(model)
+    return _slots_per_artwork(decoder_of(model))
+
+
+def _slots_per_artwork(inner: nn.Module) -> int:
+    state: ArtworkState = getattr(inner, STATE_ATTR)
     if state.cache is None:
         raise RuntimeError("the chooser has no artwork cache: call set_artwork_cache(model, cache) first")
-    return int(state.cache.shape[1]) * _projector_config(chooser_projector(model)).tokens
+    return int(state.cache.shape[1]) * _projector_config(getattr(inner, PROJECTOR_ATTR)).tokens
 
 
 def project_artworks(inner: nn.Module, artwork_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -258,9 +262,7 @@ def _inject_artworks(
     if not bool(slots_per_row.any()) and not bool((artwork_ids >= 0).any()):
         return args, kwargs  # text-only prompts (caption variant): padding rows only, nothing to inject
 
-    if state.cache is None:
-        raise RuntimeError("the chooser has no artwork cache: call set_artwork_cache(model, cache) first")
-    per_artwork = int(state.cache.shape[1]) * _projector_config(getattr(inner, PROJECTOR_ATTR)).tokens
+    per_artwork = _slots_per_artwork(inner)
     expected = (artwork_ids >= 0).sum(dim=-1).to(slots_per_row.device) * per_artwork
     if not torch.equal(expected, slots_per_row):
         bad = (expected != slots_per_row).nonzero().flatten().tolist()[:5]

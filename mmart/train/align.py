@@ -2,16 +2,17 @@
 
 LLaVA's stage 1 teaches a new projector to caption images through the frozen LLM. On a
 2-core CPU that costs as much as SFT itself, so mmart does the cheap part of it: regress
-the projector's output for each artwork onto the mean input embedding of the words that
-describe it (its tags or caption). No LLM forward is needed (seconds), and SFT then
-starts from artwork vectors that already sit near words the LLM reads in the history
-("romance", "close-up", ...), instead of from random directions.
+each of the projector's E outputs for an artwork onto the input embedding of one of the
+words that describe it (its tags, or its caption; ``word_targets``). No LLM forward is
+needed (seconds), and SFT then starts from slots that sit on words the LLM reads in the
+history ("romance", "close", ...), instead of from random directions.
 """
 
 from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -27,17 +28,9 @@ def describe(tags, caption, source: str) -> str:
 
 
 def split_words(words: list[str], slots: int) -> list[list[str]]:
-    """``words`` in ``slots`` consecutive groups, as even as possible (tags: one family per slot
-    when there are as many slots as tags, e.g. theme / shot / tone / title)."""
-    if slots < 1:
-        raise ValueError(f"slots must be >= 1, got {slots}")
-    size, extra = divmod(len(words), slots)
-    groups, start = [], 0
-    for e in range(slots):
-        end = start + size + (1 if e < extra else 0)
-        groups.append(words[start:end])
-        start = end
-    return groups
+    """``words`` in ``slots`` consecutive groups, as even as possible (``numpy.array_split``; tags: one
+    family per slot when there are as many slots as tags, e.g. theme / shot / tone / title)."""
+    return [list(g) for g in np.array_split(np.array(words, dtype=object), slots)]
 
 
 @torch.no_grad()
@@ -76,8 +69,8 @@ def align_projector(projector: nn.Module, vectors: torch.Tensor, targets: torch.
                     lr: float = 3e-3, seed: int = 0) -> dict[str, float]:
     """Fit ``projector(vectors)`` to ``targets`` (MSE relative to the targets' power, full batch, Adam).
 
-    vectors: ``[N, T, D]`` cached artwork vectors; targets: ``[N, E, H]`` (or ``[N, H]`` for E = 1),
-    one per projector output of a cached vector, the same for each of its T vectors.
+    vectors: ``[N, T, D]`` cached artwork vectors; targets: ``[N, E, H]`` (``word_targets``), one per
+    projector output of a cached vector, the same for each of its T vectors.
     Returns the first and last loss and the seconds taken.
     """
     torch.manual_seed(seed)
@@ -86,21 +79,19 @@ def align_projector(projector: nn.Module, vectors: torch.Tensor, targets: torch.
     opt = torch.optim.Adam(params, lr=lr)
     x = vectors.float()
     targets = targets.to(x.device).float()
-    if targets.ndim == 2:
-        targets = targets[:, None, :]
-    n, t = x.shape[0], x.shape[1]
-    y = targets[:, None].expand(n, t, *targets.shape[1:]).reshape(n, t * targets.shape[1], targets.shape[-1])
+    n, t, (_, e, h) = x.shape[0], x.shape[1], targets.shape
+    y = targets[:, None].expand(n, t, e, h).reshape(n, t * e, h)
+    tokens = getattr(getattr(projector, "config", None), "tokens", e)
+    if tokens != e:
+        raise ValueError(f"the projector emits {tokens} vectors per cached vector but the targets have {e}: "
+                         "build targets with slots = the projector's tokens")
     scale = y.pow(2).mean()
     first = last = float("nan")
     was_training = projector.training
     projector.train()
     with torch.enable_grad():
         for step in range(steps):
-            out = projector(x)
-            if out.shape != y.shape:
-                raise ValueError(f"projector gives {tuple(out.shape)} per batch but the targets are {tuple(y.shape)}: "
-                                 "build targets with slots = the projector's tokens")
-            loss = (out - y).pow(2).mean() / scale
+            loss = (projector(x) - y).pow(2).mean() / scale
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -85,7 +85,7 @@ def common_args(stage_cfg: Any, out_dir: Path, slots: bool = False) -> dict[str,
     )
 
 
-def freeze_projector_if_unlearned(model: torch.nn.Module, projector_lr: float) -> bool:
+def freeze_projector_if_zero_lr(model: torch.nn.Module, projector_lr: float) -> bool:
     """``projector_lr`` 0: keep the projector exactly as stage 0 (or SFT) left it.
 
     The aligned slots sit on the LLM's tag-word tokens; SFT at a high projector rate moved

@@ -23,12 +23,12 @@ from mmart.config import PipelineConfig
 from mmart.distributed import distributed_state
 from mmart.errors import UserError
 from mmart.model.checkpoint import add_lora, export_merged, load_chooser, lora_config, read_spec, save_chooser
-from mmart.model.chooser import set_artwork_cache, slots_per_artwork
+from mmart.model.chooser import set_artwork_cache
 from mmart.train.common import (
     ProjectorLRMixin,
     common_args,
     device,
-    freeze_projector_if_unlearned,
+    freeze_projector_if_zero_lr,
     last_checkpoint,
     load_inputs,
     save_curves,
@@ -81,11 +81,10 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
     model = add_lora(model, lora_config(m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target))
     if inputs.cache is not None:
         set_artwork_cache(model, inputs.cache.embeddings)
-        inputs.builder.tokens_per_artwork = slots_per_artwork(model)  # the SFT projector decides
     examples = subsample(inputs.builder.preference_examples("train"), cfg.dpo.max_examples, cfg.dpo.seed)
     rows = choice_dataset(inputs.builder, examples, tokenizer, cache_rows(inputs.cache))
     d = cfg.dpo
-    if freeze_projector_if_unlearned(model, d.projector_lr):
+    if freeze_projector_if_zero_lr(model, d.projector_lr):
         print("[mmart dpo] projector frozen (dpo.projector_lr = 0)")
     shared = common_args(d, out, slots=cfg.prompt.artwork_input == "embeddings")
     if d.method == "fast":

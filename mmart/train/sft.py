@@ -27,7 +27,7 @@ from mmart.train.align import align_projector, word_targets
 from mmart.train.common import (
     ProjectorLRMixin,
     common_args,
-    freeze_projector_if_unlearned,
+    freeze_projector_if_zero_lr,
     last_checkpoint,
     load_inputs,
     save_curves,
@@ -114,7 +114,7 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
         print(f"[mmart sft] teacher: logistic reward model on the train logs, weight {cfg.sft.teacher_weight}")
     data = sft_dataset(inputs.builder, examples, tokenizer, cache_rows(inputs.cache), teacher,
                        cfg.sft.teacher_temperature)
-    if freeze_projector_if_unlearned(model, cfg.sft.projector_lr):
+    if freeze_projector_if_zero_lr(model, cfg.sft.projector_lr):
         print("[mmart sft] projector frozen (sft.projector_lr = 0): the slots keep their stage-0 word alignment")
     shared = common_args(cfg.sft, out, slots=cfg.prompt.artwork_input == "embeddings")
     args = SFTConfig(**shared, max_length=None, packing=False,

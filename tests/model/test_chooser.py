@@ -62,7 +62,7 @@ def test_slots_receive_the_projected_artworks_in_order(arch: str, cached: int, e
         swapped_ids = artwork_ids.clone()
         swapped_ids[0, :4] = torch.tensor([3, 2, 1, 0])
         swapped = model(input_ids=input_ids, attention_mask=attention_mask, artwork_ids=swapped_ids).logits
-    torch.testing.assert_close(injected, expected.logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(injected, expected.logits, rtol=0, atol=1e-5)  # batched vs per-row projection: float order differs by CPU
     assert (swapped[0] - injected[0]).abs().max() > 1e-3  # row 0 sees other images...
     torch.testing.assert_close(swapped[1], injected[1], rtol=0, atol=1e-6)  # ...row 1 does not
 

@@ -232,11 +232,6 @@ class PipelineConfig:
     def cache_dir(self) -> str:
         return self.cache.dir or f"{self.output_dir}/cache"
 
-    @property
-    def slots_per_artwork(self) -> int:
-        """Prompt slots per artwork: the cache's vectors per artwork x the projector's outputs per vector."""
-        return self.cache.tokens_per_artwork * self.model.projector_tokens
-
 
 # Which dataclass a YAML under configs/ holds, by its folder (top-level files are pipeline configs).
 # configs/accelerate/ holds accelerate's own files, checked by accelerate's loader instead.

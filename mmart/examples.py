@@ -1,18 +1,18 @@
-"""Contract rows -> prompts with artwork slots, answers and preference pairs.
+"""Contract rows -> decisions: prompts with artwork slots, answers and preference pairs.
 
 One module for training, scoring and evaluation alike, so the prompt a model is trained
-on is the prompt it is scored on. A prompt is a chat (system + user) whose user message
-renders the member's history (most recent first, oldest dropped past a token budget,
-never the candidates), the title, and the candidates lettered A, B, C... each followed
-by its artwork: ``tokens_per_artwork`` slot tokens (``artwork_input: embeddings``) or
-its caption text (``artwork_input: caption``, the paper's text-only variant).
+on is the prompt it is scored on. A decision's prompt has two parts:
 
-Two answer formats (``answer``), both scored by one forward pass over the prompt:
+* the **member prefix**: the chat template's opening, the system text, and the member's
+  history before the decision (most recent first, oldest dropped past a token budget, each
+  line with the artwork the member played from) and its one-line summary;
+* the **title block**: the title, then the readout's lines (``mmart.model.readout``): each
+  candidate lettered A, B, C... with its artwork (``slots_per_artwork`` slot tokens, or
+  its caption in the text-only variant), and the readout's closing.
 
-* ``letter``: the prompt ends at the assistant's turn; the answer is the letter alone.
-* ``per_candidate``: each candidate line ends with a marker word, and the candidate's score
-  is the log-probability of " yes" right after it. The prompt is cut after the last marker
-  (later tokens cannot change any score under causal attention).
+A title block depends on its prefix and on nothing after it, so several title blocks of
+one member can share one prefix (``mmart.model.packing``). The two parts are tokenized
+apart and concatenated, so a decision has the same tokens alone or packed.
 """
 
 from __future__ import annotations
@@ -26,19 +26,18 @@ import numpy as np
 
 from mmart.data.contract import Contract
 from mmart.errors import UserError
+from mmart.model.readout import LETTERS, Art, Piece, Read, ReadAll, Readout, Text, make_readout
 
-SLOT_TOKEN = "<artwork>"  # must match mmart.model.llm.SLOT_TOKEN
-LETTERS = "ABCDEFGH"
 SYSTEM_PROMPT = "Pick the artwork this streaming member is most likely to play."
-MARKER = "match"  # per_candidate: the word after each candidate's artwork; its next token is scored
-SCORE_TOKEN = " yes"  # per_candidate: the token whose log-probability after MARKER is the candidate's score
+_SPLIT = "\x00mmart-user-message\x00"  # stands for the user message when the chat template is split
 
 
 @dataclass
 class PromptConfig:
     answer: Literal["letter", "per_candidate"] = field(default="letter", metadata={
-        "help": "letter = log-probs of the letters at the answer position (large LLMs); per_candidate = log p(' yes') "
-                "after each candidate's artwork (small LLMs: SmolLM2-135M cannot map slots back to letters)."})
+        "help": "The readout. letter = log-probs of the letters at the answer position (large LLMs); per_candidate = "
+                "log p(' yes') after each candidate's artwork (small LLMs: SmolLM2-135M cannot map slots back to "
+                "letters)."})
     artwork_input: Literal["embeddings", "caption"] = field(
         default="embeddings", metadata={"help": "embeddings = artwork slots; caption = text-only variant."})
     history_artworks: bool = field(default=True, metadata={"help": "Show the artwork each history title was played from."})
@@ -47,8 +46,8 @@ class PromptConfig:
     shuffle_seed: int = field(default=0, metadata={"help": "Candidate order is shuffled per example with this seed."})
     synopsis: bool = field(default=True, metadata={"help": "Include the title's synopsis."})
     repeat_letter: bool = field(default=True, metadata={
-        "help": "Write each candidate's letter again after its slots ('A: <artwork> A'), so a letter token can "
-                "attend to its own artwork (causal attention only looks back)."})
+        "help": "letter readout: write each candidate's letter again after its slots ('A: <artwork> A'), so a letter "
+                "token can attend to its own artwork (causal attention only looks back)."})
     history_summary: bool = field(default=False, metadata={
         "help": "Add one line counting the tags of every artwork the member played from before the decision "
                 "(all history, not just max_history lines): the member's looks in ~30 tokens. Needs artwork tags."})
@@ -82,11 +81,11 @@ def _stable_rng(seed: int, key: str) -> np.random.Generator:
 
 
 class ExampleBuilder:
-    """Derives examples from a contract; holds the lookups every prompt needs."""
+    """Derives examples from a contract and renders their prompts as pieces (text, artworks, read marks)."""
 
-    def __init__(self, contract: Contract, cfg: PromptConfig, tokens_per_artwork: int = 1):
+    def __init__(self, contract: Contract, cfg: PromptConfig):
         self.cfg = cfg
-        self.tokens_per_artwork = tokens_per_artwork  # slots per artwork: PipelineConfig.slots_per_artwork
+        self.readout: Readout = make_readout(cfg.answer, cfg.repeat_letter)
         titles = contract.frame("titles")
         self.titles = {r.title_id: r for r in titles.itertuples(index=False)}
         arts = contract.frame("artworks")
@@ -111,7 +110,7 @@ class ExampleBuilder:
         return self.impressions[self.impressions.split == split]
 
     def choice_examples(self, split: str) -> list[Example]:
-        """SFT: one example per played impression; the answer is the shown (played) artwork."""
+        """One example per played impression; the answer is the shown (played) artwork."""
         imps = self._split(split)
         imps = imps[imps.played]
         policies = imps["logging_policy"] if "logging_policy" in imps else [None] * len(imps)
@@ -123,12 +122,16 @@ class ExampleBuilder:
                                propensity=float(prop), shown_artwork_id=shown, logging_policy=pol))
         return out
 
+    def _not_played(self, split: str) -> dict[tuple[str, str], set[str]]:
+        imps = self.impressions[(self.impressions.split == split) & ~self.impressions.played]
+        out: dict[tuple[str, str], set[str]] = defaultdict(set)
+        for uid, tid, aid in zip(imps.user_id, imps.title_id, imps.shown_artwork_id):
+            out[(uid, tid)].add(aid)
+        return out
+
     def preference_examples(self, split: str) -> list[Example]:
         """DPO: chosen = the played artwork; rejected = shown-and-not-played for the pair, else the others."""
-        imps = self.impressions[(self.impressions.split == split) & ~self.impressions.played]
-        not_played: dict[tuple[str, str], set[str]] = defaultdict(set)
-        for uid, tid, aid in zip(imps.user_id, imps.title_id, imps.shown_artwork_id):
-            not_played[(uid, tid)].add(aid)
+        not_played = self._not_played(split)
         out = []
         for ex in self.choice_examples(split):
             skipped = not_played.get((ex.user_id, ex.title_id), set()) - {ex.shown_artwork_id}
@@ -137,39 +140,53 @@ class ExampleBuilder:
             out.append(ex)
         return out
 
-    def pair_examples(self, split: str) -> list[Example]:
-        """Scoring: one example per member-title pair, at its first impression (the policy's decision)."""
-        first = self._split(split).drop_duplicates(["user_id", "title_id"], keep="first")
+    def pair_examples(self, split: str, labels: bool = False) -> list[Example]:
+        """One example per member-title pair, at its first impression (the policy's decision).
+
+        ``labels``: also the logged outcome, for training on every logged decision: ``answer`` is the
+        played artwork (None when no impression was played), ``rejected`` the shown-and-not-played
+        ones, ``propensity`` that of the played impression (else of the first).
+        """
+        imps = self._split(split)
+        first = imps.drop_duplicates(["user_id", "title_id"], keep="first")
+        played = {}
+        if labels:
+            for uid, tid, aid, prop in zip(imps.user_id[imps.played], imps.title_id[imps.played],
+                                           imps.shown_artwork_id[imps.played], imps.propensity[imps.played]):
+                played[(uid, tid)] = (aid, float(prop))
+        not_played = self._not_played(split) if labels else {}
+        policies = first["logging_policy"] if "logging_policy" in first else [None] * len(first)
         out = []
-        for uid, tid, ts in zip(first.user_id, first.title_id, first.timestamp):
+        for uid, tid, ts, shown, prop, pol in zip(first.user_id, first.title_id, first.timestamp,
+                                                  first.shown_artwork_id, first.propensity, policies):
             key = f"{uid}|{tid}"
-            out.append(Example(key, uid, tid, split, int(ts), self._shuffled(tid, key)))
+            ex = Example(key, uid, tid, split, int(ts), self._shuffled(tid, key), logging_policy=pol)
+            if labels:
+                won = played.get((uid, tid))
+                ex.shown_artwork_id, ex.propensity = won if won else (shown, float(prop))
+                ex.answer = ex.candidates.index(won[0]) if won else None
+                skipped = not_played.get((uid, tid), set()) - {won[0] if won else None}
+                ex.rejected = [i for i, a in enumerate(ex.candidates) if a in skipped]
+            out.append(ex)
         return out
 
     # --- Rendering ----------------------------------------------------------------------------------
-    def _artwork_text(self, artwork_id: str) -> tuple[str, list[str]]:
-        if self.cfg.artwork_input == "caption":
-            caption = " ".join(str(self.captions.get(artwork_id) or "no description").split())  # one line
-            return f'"{caption}"', []
-        return SLOT_TOKEN * self.tokens_per_artwork, [artwork_id]
+    def history_events(self, ex: Example) -> list[dict]:
+        """The member's history events before the decision, most recent first."""
+        return [ev for ev in self.history.get(ex.user_id, []) if int(ev["timestamp"]) < ex.timestamp]
 
-    def history_lines(self, ex: Example) -> list[tuple[str, list[str]]]:
-        """The member's history before the decision, most recent first: (line, artwork ids in its slots)."""
-        lines: list[tuple[str, list[str]]] = []
-        for ev in self.history.get(ex.user_id, []):
-            if len(lines) >= self.cfg.max_history:
-                break  # max_history 0: no lines (a history_summary can stand for the whole history)
-            if int(ev["timestamp"]) >= ex.timestamp:
-                continue  # never condition on the future
+    def history_lines(self, ex: Example) -> list[list[Piece]]:
+        """One line per recent history title (at most ``max_history``), most recent first, as pieces."""
+        lines: list[list[Piece]] = []
+        for ev in self.history_events(ex)[: self.cfg.max_history]:  # max_history 0: no lines
             t = self.titles[ev["title_id"]]
             text = f'- "{t.name}" ({", ".join(t.genres)})' if self.cfg.names else f"- {', '.join(t.genres)}"
             if ev.get("rating") is not None:
                 text += f", rated {int(ev['rating'])}/5"
-            arts: list[str] = []
             if self.cfg.history_artworks and ev.get("artwork_id") is not None:
-                art_text, arts = self._artwork_text(ev["artwork_id"])
-                text += f", played from {art_text}"
-            lines.append((text, arts))
+                lines.append([Text(text + ", played from "), Art(ev["artwork_id"])])
+            else:
+                lines.append([Text(text)])
         return lines
 
     def history_summary(self, ex: Example) -> str | None:
@@ -178,8 +195,8 @@ class ExampleBuilder:
         Tags are grouped by family (the part before ':'), most frequent first within a family.
         """
         counts: dict[str, Counter] = defaultdict(Counter)
-        for ev in self.history.get(ex.user_id, []):
-            if int(ev["timestamp"]) < ex.timestamp and ev.get("artwork_id") is not None:
+        for ev in self.history_events(ex):
+            if ev.get("artwork_id") is not None:
                 for tag in self.tags.get(ev["artwork_id"], []):
                     family, _, value = tag.rpartition(":")
                     counts[family][value] += 1
@@ -192,108 +209,141 @@ class ExampleBuilder:
             groups = [" ".join(f"{v} {n}" for v, n in c.most_common()) for _, c in sorted(counts.items())]
         return "Played from looks: " + "; ".join(groups)
 
-    def messages(self, ex: Example, count_tokens=None) -> tuple[list[dict], list[str]]:
-        """Chat messages (no answer) and the artwork ids in slot order."""
-        t = self.titles[ex.title_id]
-        history, arts, used = [], [], 0
-        for line, line_arts in self.history_lines(ex):
+    def prefix_key(self, ex: Example) -> tuple[str, int]:
+        """Decisions with equal keys render the same member prefix: same member, same history before them."""
+        return ex.user_id, len(self.history_events(ex))
+
+    def prefix_pieces(self, ex: Example, count_tokens=None) -> list[Piece]:
+        """The member prefix's body (the user message's start): history lines and summary, each ending in a newline."""
+        lines, used = [], 0
+        for line in self.history_lines(ex):
             cost = count_tokens(line) if count_tokens else 0
-            if history and used + cost > self.cfg.history_token_budget:
-                break  # the oldest go first; the candidates are never cut
-            history.append(line); arts.extend(line_arts); used += cost
-        cand_lines = []
-        for letter, aid in zip(LETTERS, ex.candidates):
-            art_text, art_ids = self._artwork_text(aid)
-            if self.cfg.answer == "per_candidate":
-                cand_lines.append(f"{letter}: {art_text} {MARKER}")
-            else:
-                cand_lines.append(f"{letter}: {art_text} {letter}" if self.cfg.repeat_letter else f"{letter}: {art_text}")
-            arts.extend(art_ids)
-        title = f'Title: "{t.name}" ({", ".join(t.genres)})' if self.cfg.names else f"Title: {', '.join(t.genres)}"
+            if lines and used + cost > self.cfg.history_token_budget:
+                break  # the oldest go first
+            lines.append(line)
+            used += cost
+        pieces: list[Piece] = []
+        if self.cfg.max_history > 0:  # max_history 0 shows no lines at all (the summary stands for the history)
+            pieces.append(Text("History, most recent first:\n"))
+            for line in lines or [[Text("- (none)")]]:
+                pieces.extend([*line, Text("\n")])
+        summary = self.history_summary(ex) if self.cfg.history_summary else None
+        if summary:
+            pieces.append(Text(summary + "\n"))
+        return pieces
+
+    def title_line(self, ex: Example) -> str:
+        t = self.titles[ex.title_id]
+        line = f'Title: "{t.name}" ({", ".join(t.genres)})' if self.cfg.names else f"Title: {', '.join(t.genres)}"
         if self.cfg.synopsis and getattr(t, "synopsis", None):
-            title += f". {t.synopsis}"
-        summary = [line for line in [self.history_summary(ex)] if line] if self.cfg.history_summary else []
-        # max_history 0 shows no lines at all (the summary, if on, stands for the history).
-        past = ["History, most recent first:", *(history or ["- (none)"])] if self.cfg.max_history > 0 else []
-        if self.cfg.answer == "per_candidate":
-            head = [*past, *summary, title, "Would they play it from each artwork (yes/no)?"]
-            tail = []
-        else:
-            head = [*past, *summary, title, "Artworks:"]
-            tail = [f"Answer with one letter ({LETTERS[0]}-{LETTERS[len(ex.candidates) - 1]})."]
-        user = "\n".join([*head, *cand_lines, *tail])
-        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}], arts
+            line += f". {t.synopsis}"
+        return line
 
-    def candidate_line_ends(self, user: str, k: int) -> list[int]:
-        """Character offsets in the user message just past each candidate's marker (per_candidate)."""
-        ends, pos = [], len(user)
-        for _ in range(k):  # the candidate lines are the message's last k lines
-            pos = user.rfind("\n", 0, pos) if ends else pos
-            ends.append(pos)
-        ends = ends[::-1]
-        for e in ends:
-            if not user[:e].endswith(MARKER):
-                raise AssertionError(f"candidate line does not end with {MARKER!r}: {user[:e][-40:]!r}")
-        return ends
+    def block_pieces(self, ex: Example, chat_tail: str = "") -> list[Piece]:
+        """The title block: the title line, then the readout's question, candidate lines and closing."""
+        return self.readout.block_pieces(self.title_line(ex), ex.candidates, chat_tail)
+
+    def caption_text(self, artwork_id: str) -> str:
+        caption = " ".join(str(self.captions.get(artwork_id) or "no description").split())  # one line
+        return f'"{caption}"'
 
 
-def letter_token_ids(tokenizer, k: int) -> list[int]:
-    """The token id of each answer letter as the assistant's first token; each must be one token."""
-    ids = []
-    for letter in LETTERS[:k]:
-        tok = tokenizer(letter, add_special_tokens=False)["input_ids"]
-        if len(tok) != 1:
-            raise UserError(f"the tokenizer splits answer letter {letter!r} into {len(tok)} tokens; "
-                            "choosing needs single-token letters")
-        ids.append(tok[0])
-    return ids
+@dataclass
+class Segment:
+    """Token ids with their artworks (slot order) and read positions (``reads[k]``: candidate k's position)."""
+
+    ids: list[int]
+    artworks: list[str]
+    reads: list[int] = field(default_factory=list)
 
 
-def score_token_id(tokenizer) -> int:
-    """The per_candidate score token: " yes" (one token in SmolLM2's and Llama 3's vocabularies; else its first)."""
-    return tokenizer(SCORE_TOKEN, add_special_tokens=False)["input_ids"][0]
+@dataclass
+class Decision:
+    """One example, encoded: its member prefix (shared by key), its title block and the tokens it reads."""
+
+    example: Example
+    prefix_key: tuple[str, int]
+    prefix: Segment
+    block: Segment
+    read_ids: list[int]  # [K] token read for each candidate
 
 
-def encode(builder: ExampleBuilder, ex: Example, tokenizer) -> dict:
-    """Token ids of the prompt (chat template, generation prompt added), its artwork ids, and the answer.
+class PromptEncoder:
+    """Pieces -> token ids for one tokenizer: the chat template split around the user message, slots expanded.
 
-    Returns ``input_ids`` (prompt only), ``artwork_ids`` (str, slot order), ``answer_ids`` (K token ids),
-    ``score_positions`` (K positions for per_candidate, [] for letter: read at the prompt's end),
-    ``answer`` (index or None), ``rejected`` (indices). The answer token is ``answer_ids[answer]``.
+    The chat template is rendered once with a placeholder user message and split there: the
+    member prefix gets the opening (system turn, start of the user turn), and a readout that
+    ends at the answer (``letter``) closes its block with the rest (end of turn, generation prompt).
     """
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    messages, arts = builder.messages(ex, count_tokens=count)
-    per_candidate = builder.cfg.answer == "per_candidate"
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not per_candidate)
-    input_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    positions: list[int] = []
-    if per_candidate:
-        user = messages[-1]["content"]
-        start = text.rfind(user)
-        if start < 0:
-            raise UserError("the chat template does not copy the user message verbatim; use prompt.answer=letter")
-        for end in builder.candidate_line_ends(user, len(ex.candidates)):
-            prefix = tokenizer(text[: start + end], add_special_tokens=False)["input_ids"]
-            if input_ids[: len(prefix)] != prefix:
-                raise UserError(f"the tokenizer merges the marker {MARKER!r} with the text after it; "
-                                "per_candidate scoring needs it to end a token (use prompt.answer=letter)")
-            positions.append(len(prefix) - 1)
-        input_ids = input_ids[: positions[-1] + 1]  # later tokens cannot change any score
-    if builder.cfg.artwork_input == "embeddings":
-        slot_id = tokenizer.convert_tokens_to_ids(SLOT_TOKEN)
-        n_slots = sum(1 for i in input_ids if i == slot_id)
-        if slot_id is None or slot_id == tokenizer.unk_token_id or n_slots != len(arts) * builder.tokens_per_artwork:
-            raise UserError(f"the tokenizer does not keep {SLOT_TOKEN!r} as one token ({n_slots} slots for "
-                            f"{len(arts)} artworks); load the LLM through mmart.model.llm so the slot token is added")
-    return {
-        "example_id": ex.example_id,
-        "input_ids": input_ids,
-        "artwork_ids": arts,
-        "answer_ids": [score_token_id(tokenizer)] * len(ex.candidates) if per_candidate
-        else letter_token_ids(tokenizer, len(ex.candidates)),
-        "score_positions": positions,
-        "answer": ex.answer,
-        "rejected": list(ex.rejected),
-    }
+    def __init__(self, builder: ExampleBuilder, tokenizer, slots_per_artwork: int = 1, slot_token: str | None = None):
+        from mmart.model.llm import SLOT_TOKEN
+
+        self.builder, self.tokenizer, self.slots = builder, tokenizer, slots_per_artwork
+        self.slot_token = slot_token or SLOT_TOKEN
+        self.embeddings = builder.cfg.artwork_input == "embeddings"
+        slot_id = tokenizer.convert_tokens_to_ids(self.slot_token)
+        if self.embeddings and (slot_id is None or slot_id == tokenizer.unk_token_id):
+            raise UserError(f"the tokenizer has no {self.slot_token!r} token; load the LLM through mmart.model.llm "
+                            "(load_llm / build_chooser) so the slot token is added")
+        self.slot_id = slot_id
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": _SPLIT}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if text.count(_SPLIT) != 1:
+            raise UserError("the tokenizer's chat template does not copy the user message verbatim; mmart needs it to")
+        self.chat_head, self.chat_tail = text.split(_SPLIT)
+        self.read_ids_of = {}  # K -> read token ids
+        self._prefixes: dict[tuple[str, int], Segment] = {}
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def encode_pieces(self, pieces: list[Piece], k: int = 0) -> Segment:
+        ids: list[int] = []
+        arts: list[str] = []
+        reads: dict[int, int] = {}
+        for p in pieces:
+            if isinstance(p, Text):
+                ids.extend(self._ids(p.text))
+            elif isinstance(p, Art):
+                if self.embeddings:
+                    ids.extend([self.slot_id] * self.slots)
+                    arts.append(p.artwork_id)
+                else:
+                    ids.extend(self._ids(self.builder.caption_text(p.artwork_id)))
+            elif isinstance(p, Read):
+                reads[p.k] = len(ids) - 1
+            elif isinstance(p, ReadAll):
+                reads.update({j: len(ids) - 1 for j in range(k)})
+        if self.embeddings and ids.count(self.slot_id) != self.slots * len(arts):
+            raise UserError(f"a prompt's text contains the slot token {self.slot_token!r} itself (e.g. in a caption or "
+                            "title name); remove it from the catalog")
+        return Segment(ids, arts, [reads[j] for j in sorted(reads)])
+
+    def count_tokens(self, pieces: list[Piece]) -> int:
+        return sum(len(self._ids(p.text)) if isinstance(p, Text) else self.slots if isinstance(p, Art) else 0
+                   for p in pieces)
+
+    def prefix(self, ex: Example) -> tuple[tuple[str, int], Segment]:
+        """The member prefix of ``ex`` (encoded once per key)."""
+        key = self.builder.prefix_key(ex)
+        if key not in self._prefixes:
+            pieces = [Text(self.chat_head), *self.builder.prefix_pieces(ex, self.count_tokens)]
+            self._prefixes[key] = self.encode_pieces(pieces)
+        return key, self._prefixes[key]
+
+    def decision(self, ex: Example) -> Decision:
+        key, prefix = self.prefix(ex)
+        k = len(ex.candidates)
+        tail = self.chat_tail if self.builder.readout.ends_at_answer else ""
+        block = self.encode_pieces(self.builder.block_pieces(ex, tail), k)
+        if len(block.reads) != k:
+            raise AssertionError(f"readout {self.builder.readout.name} marked {len(block.reads)} reads for {k} candidates")
+        if k not in self.read_ids_of:
+            self.read_ids_of[k] = self.builder.readout.read_token_ids(self.tokenizer, k)
+        return Decision(ex, key, prefix, block, self.read_ids_of[k])
+
+    def text(self, ex: Example) -> str:
+        """The decision's prompt as text (slots shown as the slot token): for reading and tests."""
+        d = self.decision(ex)
+        return self.tokenizer.decode(d.prefix.ids + d.block.ids)

@@ -14,37 +14,35 @@ import torch
 from tqdm.auto import tqdm
 
 from mmart.data.contract import UNIFORM_POLICY
-from mmart.model.batching import candidate_batch, pad_artwork_ids, pad_sequences
-from mmart.model.scoring import score_letters
+from mmart.model.packing import collate_rows
+from mmart.model.scoring import score_batch
 
 
 @torch.inference_mode()
 def score_rows(model, rows, pad_token_id: int, batch_size: int = 16, progress: bool = True,
-               bf16: bool = False) -> list[np.ndarray]:
-    """Per row, the softmax over its K candidates' scores (letter or per-candidate readout; one forward per batch).
+               bf16: bool = False, readout=None) -> dict[int, np.ndarray]:
+    """Per decision (by its ``decision_index``), the softmax over its K candidates' scores.
 
-    Rows are sorted by length so a batch pads little; results come back in input order.
-    ``bf16``: run the forwards under bf16 autocast (the scores are taken in fp32).
+    Rows (``mmart.train.data.decision_rows``, one or more decisions each) are sorted by length
+    so a batch pads little; each batch is one forward. ``bf16``: run the forwards under bf16
+    autocast (the scores are taken in fp32).
     """
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt_ids"]))
-    out: list[np.ndarray | None] = [None] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    out: dict[int, np.ndarray] = {}
     dev = next(model.parameters()).device
-    bar = tqdm(total=len(rows), desc="score", unit="pair", disable=not progress)
+    bar = tqdm(total=sum(len(r["answer_ids"]) for r in rows), desc="score", unit="pair", disable=not progress)
     for s in range(0, len(order), batch_size):
-        idx = order[s: s + batch_size]
-        batch = [rows[i] for i in idx]
-        ids, mask = pad_sequences([r["prompt_ids"] for r in batch], pad_token_id)
-        arts = pad_artwork_ids([r["artwork_ids"] for r in batch])
-        cands = candidate_batch(batch)
+        batch_rows = [rows[i] for i in order[s: s + batch_size]]
+        batch = {k: v.to(dev) for k, v in collate_rows(batch_rows, pad_token_id).items()}
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            logp = score_letters(model, ids.to(dev), mask.to(dev), arts.to(dev), cands["answer_ids"],
-                                 cands.get("score_positions"))  # fp32 log-softmax even under autocast
-        probs = torch.softmax(logp, dim=-1).cpu().numpy()
-        for j, i in enumerate(idx):
-            out[i] = probs[j, : len(batch[j]["answer_ids"])]
-        bar.update(len(idx))
+            scores = score_batch(model, batch, readout)  # [B, D, K], fp32 log-softmax even under autocast
+        probs = torch.softmax(scores, dim=-1).cpu().numpy()
+        for b, row in enumerate(batch_rows):
+            for j, index in enumerate(row["decision_index"]):
+                out[index] = probs[b, j, : len(row["answer_ids"][j])]
+        bar.update(sum(len(r["answer_ids"]) for r in batch_rows))
     bar.close()
-    return out  # type: ignore[return-value]
+    return out
 
 
 def uniform_pairs(impressions: pd.DataFrame, split: str) -> set[tuple[str, str]]:
@@ -84,12 +82,15 @@ def predictions_frame(examples, probs, impressions: pd.DataFrame) -> pd.DataFram
 
 def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | Path | None,
             cfg=None, batch_size: int = 16, max_pairs: int = 0, seed: int = 0, progress: bool = True,
-            pairs: set[tuple[str, str]] | None = None, slice_: str = "all") -> pd.DataFrame:
+            pairs: set[tuple[str, str]] | None = None, slice_: str = "all", pack_titles: int | None = None
+            ) -> pd.DataFrame:
     """Load a saved chooser and score every member-title pair of ``split`` (or only ``pairs``,
     (user_id, title_id) tuples; or a seeded sample of ``max_pairs``); write Parquet if ``out``.
 
     ``slice_="uniform"`` keeps only pairs with an impression logged uniformly at random, so a
     sample of ``max_pairs`` spends all its scoring on the slice with an unbiased hit rate.
+    ``pack_titles``: decisions per packed row (default ``eval.pack_titles``; 1 = one prompt each):
+    a member's titles share one read of the member's history; the scores are the same.
     """
     import yaml
 
@@ -97,7 +98,8 @@ def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | 
     from mmart.model.checkpoint import load_chooser
     from mmart.model.chooser import set_artwork_cache
     from mmart.train.common import device, load_inputs, use_bf16
-    from mmart.train.data import cache_rows, choice_dataset, subsample
+    from mmart.train.data import cache_rows, decision_rows, subsample
+    from mmart.train.sft import encoder_for
 
     start = time.perf_counter()
     model_dir = Path(model_dir)
@@ -118,13 +120,18 @@ def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | 
     if pairs is not None:
         examples = [ex for ex in examples if (ex.user_id, ex.title_id) in pairs]
     examples = subsample(examples, max_pairs, seed)
-    rows = choice_dataset(inputs.builder, examples, tokenizer, cache_rows(inputs.cache)).to_list()
-    probs = score_rows(model, rows, tokenizer.pad_token_id, batch_size, progress, bf16=use_bf16(cfg.eval.bf16))
+    pack = cfg.eval.pack_titles if pack_titles is None else pack_titles
+    rows = decision_rows(encoder_for(inputs, model, tokenizer), examples, cache_rows(inputs.cache), pack,
+                         desc="encode").to_list()
+    scored = score_rows(model, rows, tokenizer.pad_token_id, batch_size, progress,
+                        bf16=use_bf16(cfg.eval.bf16, "predict"), readout=inputs.builder.readout)
+    probs = [scored[i] for i in range(len(examples))]
     imps = inputs.contract.frame("impressions")
     frame = predictions_frame(examples, probs, imps[imps.split == split])
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         frame.to_parquet(out, index=False)
     if progress:
-        print(f"[mmart predict] {len(examples)} pairs, {len(frame)} impressions in {time.perf_counter() - start:.0f}s")
+        print(f"[mmart predict] {len(examples)} pairs in {len(rows)} rows (up to {pack} titles per member prefix), "
+              f"{len(frame)} impressions in {time.perf_counter() - start:.0f}s")
     return frame

@@ -29,10 +29,15 @@ from datasets import Dataset  # noqa: E402
 from mmart.config import PipelineConfig, load_config  # noqa: E402
 from mmart.model.batching import pad_artwork_ids, pad_sequences  # noqa: E402
 from mmart.model.chooser import set_artwork_cache  # noqa: E402
-from mmart.model.scoring import score_letters  # noqa: E402
+from mmart.model.packing import collate_rows  # noqa: E402
+from mmart.model.scoring import read_log_probs, score_batch  # noqa: E402
 from mmart.train.common import load_inputs  # noqa: E402
-from mmart.train.data import cache_rows, choice_dataset, subsample  # noqa: E402
-from mmart.train.sft import build_model  # noqa: E402
+from mmart.train.data import cache_rows, decision_rows, subsample  # noqa: E402
+from mmart.train.sft import build_model, choice_loss, encoder_for  # noqa: E402
+
+
+def rows_for(inputs, model, tok, examples, pack_titles: int = 1):
+    return decision_rows(encoder_for(inputs, model, tok), examples, cache_rows(inputs.cache), pack_titles)
 
 
 def peak_rss_mb() -> float:
@@ -51,14 +56,14 @@ def bench_dpo(cfg, inputs, n: int, tmp: Path) -> dict:
     examples = subsample(inputs.builder.preference_examples("train"), n, 0)
     for method in ("fast", "trl"):
         model, tok = build_model(cfg, inputs.cache, None)
-        rows = choice_dataset(inputs.builder, examples, tok, cache_rows(inputs.cache))
+        rows = rows_for(inputs, model, tok, examples)
         common = dict(output_dir=str(tmp / method), per_device_train_batch_size=4, max_steps=len(rows) // 4,
                       learning_rate=1e-5, report_to="none", use_cpu=not torch.cuda.is_available(),
                       save_strategy="no", logging_steps=1000, remove_unused_columns=False, disable_tqdm=True)
         if method == "fast":
             trainer = MultipleChoiceDPOTrainer(model=model, args=FastDPOConfig(**common), train_dataset=rows,
                                                data_collator=MultipleChoiceCollator(tok.pad_token_id))
-            pairs = int(sum(len(r) for r in rows["rejected"]))
+            pairs = int(sum(len(r[0]) for r in rows["rejected"]))
         else:
             pair_rows = Dataset.from_list(list(expand_to_pairs(rows.to_list())))
             # TRL's DPOConfig defaults to bf16 and gradient checkpointing: off, as on the fast path.
@@ -80,18 +85,18 @@ def bench_dpo(cfg, inputs, n: int, tmp: Path) -> dict:
 def bench_choosing(cfg, inputs, n: int, repeats: int) -> dict:
     model, tok = build_model(cfg, inputs.cache, None)
     model.eval()
-    rows = choice_dataset(inputs.builder, inputs.builder.pair_examples("test")[:n], tok, cache_rows(inputs.cache)).to_list()
-    ids, mask = pad_sequences([r["prompt_ids"] for r in rows], tok.pad_token_id, side="left")
+    rows = rows_for(inputs, model, tok, inputs.builder.pair_examples("test")[:n]).to_list()
+    ids, mask = pad_sequences([r["input_ids"] for r in rows], tok.pad_token_id, side="left")
     arts = pad_artwork_ids([r["artwork_ids"] for r in rows])
-    letters = torch.tensor(rows[0]["answer_ids"])
+    letters = torch.tensor(rows[0]["answer_ids"][0])
     k = len(letters)
 
     def one_forward():
-        score_letters(model, ids, mask, arts, letters)
+        read_log_probs(model, ids, mask, arts, letters)
 
     def k_forwards():  # one prompt per candidate, each asking "this one?", as a per-candidate scorer would
         for _ in range(k):
-            score_letters(model, ids, mask, arts, letters[:1])
+            read_log_probs(model, ids, mask, arts, letters[:1])
 
     def generate():
         model.generate(input_ids=ids, attention_mask=mask, artwork_ids=arts, max_new_tokens=2, do_sample=False,
@@ -118,12 +123,8 @@ def bench_step(cfg, inputs, n: int, repeats: int) -> dict:
     model, tok = build_model(cfg, inputs.cache, None)
     model.train()
     examples = subsample(inputs.builder.choice_examples("train"), n, 0)
-    from mmart.train.data import sft_dataset
-
-    rows = sft_dataset(inputs.builder, examples, tok, cache_rows(inputs.cache)).to_list()
-    ids, mask = pad_sequences([r["input_ids"] for r in rows], tok.pad_token_id)
-    labels, _ = pad_sequences([r["labels"] for r in rows], -100)
-    arts = pad_artwork_ids([r["artwork_ids"] for r in rows])
+    batch = collate_rows(rows_for(inputs, model, tok, examples).to_list(), tok.pad_token_id)
+    arts = batch["artwork_ids"]
     tower = load_tower(cfg.vision)
     items = {it.artwork_id: it for it in catalog_items(inputs.contract)}
     used = sorted({int(a) for a in arts.flatten().tolist() if a >= 0})
@@ -142,7 +143,7 @@ def bench_step(cfg, inputs, n: int, repeats: int) -> dict:
         else:
             set_artwork_cache(model, inputs.cache.embeddings)
             batch_arts = arts
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels, artwork_ids=batch_arts).loss
+        loss = choice_loss(score_batch(model, dict(batch, artwork_ids=batch_arts)), batch)[0]
         loss.backward(); opt.step(); opt.zero_grad()
 
     out = {}
@@ -161,24 +162,19 @@ def bench_step(cfg, inputs, n: int, repeats: int) -> dict:
 
 def bench_precision(cfg, inputs, n: int, repeats: int) -> dict:
     """fp32 vs bf16 autocast for one SFT-shaped step on the same batch (fp32 master weights either way)."""
-    from mmart.train.data import sft_dataset
-
     model, tok = build_model(cfg, inputs.cache, None)
     model.train()
-    rows = sft_dataset(inputs.builder, subsample(inputs.builder.choice_examples("train"), n, 0), tok,
-                       cache_rows(inputs.cache)).to_list()
-    ids, mask = pad_sequences([r["input_ids"] for r in rows], tok.pad_token_id)
-    labels, _ = pad_sequences([r["labels"] for r in rows], -100)
-    arts = pad_artwork_ids([r["artwork_ids"] for r in rows])
+    batch = collate_rows(rows_for(inputs, model, tok, subsample(inputs.builder.choice_examples("train"), n, 0))
+                         .to_list(), tok.pad_token_id)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     device_type = next(model.parameters()).device.type
 
     def step(bf16: bool):
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels, artwork_ids=arts).loss
+            loss = choice_loss(score_batch(model, batch), batch)[0]
         loss.backward(); opt.step(); opt.zero_grad()
 
-    out = {"examples": n, "tokens_per_example": float(mask.sum()) / n}
+    out = {"examples": n, "tokens_per_example": float(batch["attention_mask"].sum()) / n}
     for name, flag in (("fp32", False), ("bf16", True)):
         step(flag)
         times = []

@@ -27,14 +27,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from mmart.config import PipelineConfig, load_config  # noqa: E402
-from mmart.examples import SLOT_TOKEN, SYSTEM_PROMPT, letter_token_ids  # noqa: E402
+from mmart.examples import SYSTEM_PROMPT  # noqa: E402
 from mmart.model.batching import pad_artwork_ids, pad_sequences  # noqa: E402
-from mmart.model.scoring import score_letters  # noqa: E402
+from mmart.model.chooser import slots_per_artwork  # noqa: E402
+from mmart.model.llm import SLOT_TOKEN  # noqa: E402
+from mmart.model.readout import LetterReadout, PerCandidateReadout  # noqa: E402
+from mmart.model.scoring import read_log_probs  # noqa: E402
 from mmart.train.common import load_inputs  # noqa: E402
 from mmart.train.sft import build_model  # noqa: E402
 
 
-def make_prompts(inputs, tok, fmt: str, n: int, seed: int):
+def make_prompts(inputs, tok, fmt: str, n: int, seed: int, slots: int = 1):
     arts = inputs.contract.frame("artworks")
     theme = {a: next(t.split(":", 1)[1] for t in tags if t.startswith("theme:")) for a, tags in zip(arts.artwork_id, arts.tags)}
     by_title = arts.groupby("title_id").artwork_id.agg(list)
@@ -48,11 +51,13 @@ def make_prompts(inputs, tok, fmt: str, n: int, seed: int):
             if theme[a] not in seen:
                 cands.append(a); seen.add(theme[a])
         ans = rng.randrange(4)
+        art = SLOT_TOKEN * slots
         if fmt == "letter":
-            user = ("Artworks:\n" + "\n".join(f"{L}: {SLOT_TOKEN} {L}" for L in "ABCD")
+            user = ("Artworks:\n" + "\n".join(f"{L}: {art} {L}" for L in "ABCD")
                     + f"\nWhich artwork shows {theme[cands[ans]]}? Answer with one letter (A-D).")
         else:
-            user = f"Does each artwork show {theme[cands[ans]]}?\n" + "\n".join(f"{L}: {SLOT_TOKEN} match" for L in "ABCD")
+            marker = PerCandidateReadout.MARKER
+            user = f"Does each artwork show {theme[cands[ans]]}?\n" + "\n".join(f"{L}: {art} {marker}" for L in "ABCD")
         text = tok.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}],
                                        tokenize=False, add_generation_prompt=(fmt == "letter"))
         rows.append((tok(text, add_special_tokens=False)["input_ids"], inputs.cache.rows(cands).tolist(), ans))
@@ -61,18 +66,19 @@ def make_prompts(inputs, tok, fmt: str, n: int, seed: int):
 
 def run(cfg, inputs, fmt: str, n_train: int, lr: float, projector_lr: float) -> dict:
     model, tok = build_model(cfg, inputs.cache, inputs.contract)
-    letters = torch.tensor(letter_token_ids(tok, 4))
-    yes = tok(" yes", add_special_tokens=False)["input_ids"][-1]
-    mark = tok(" match", add_special_tokens=False)["input_ids"][-1]
-    train, test = make_prompts(inputs, tok, fmt, n_train, 0), make_prompts(inputs, tok, fmt, 96, 1)
+    letters = torch.tensor(LetterReadout().read_token_ids(tok, 4))
+    yes = PerCandidateReadout().read_token_ids(tok, 1)[0]
+    mark = tok(" " + PerCandidateReadout.MARKER, add_special_tokens=False)["input_ids"][-1]
+    slots = slots_per_artwork(model)
+    train, test = make_prompts(inputs, tok, fmt, n_train, 0, slots), make_prompts(inputs, tok, fmt, 96, 1, slots)
 
     def scores(rows):
         ids, mask = pad_sequences([r[0] for r in rows], tok.pad_token_id)
         arts = pad_artwork_ids([r[1] for r in rows])
         if fmt == "letter":
-            return score_letters(model, ids, mask, arts, letters)
+            return read_log_probs(model, ids, mask, arts, letters)
         logits = model(input_ids=ids, attention_mask=mask, artwork_ids=arts).logits
-        pos = (ids == mark).nonzero()
+        pos = (ids == mark).nonzero()  # the token after each marker is read, as PerCandidateReadout does
         return logits[pos[:, 0], pos[:, 1], yes].view(len(rows), 4)
 
     def accuracy():

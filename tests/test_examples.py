@@ -7,7 +7,9 @@ from collections import Counter
 import pytest
 
 from mmart.data.contract import load_contract
-from mmart.examples import SLOT_TOKEN, ExampleBuilder, PromptConfig, encode
+from mmart.examples import ExampleBuilder, PromptConfig, PromptEncoder
+from mmart.model.llm import SLOT_TOKEN
+from mmart.model.readout import Art, Text
 from mmart.model.testing import tiny_tokenizer
 
 
@@ -23,22 +25,22 @@ def test_history_is_before_the_decision_most_recent_first(contract):
     lines = b.history_lines(ex)
     assert len(lines) == len(events) > 0
     names = {r.title_id: r.name for r in b.titles.values()}
-    for (text, _), ev in zip(lines, events):
-        assert names[ev["title_id"]] in text
+    for line, ev in zip(lines, events):
+        assert names[ev["title_id"]] in line[0].text
+        assert [p.artwork_id for p in line if isinstance(p, Art)] == ([ev["artwork_id"]] if ev.get("artwork_id") else [])
     assert [e["timestamp"] for e in events] == sorted((e["timestamp"] for e in events), reverse=True)
 
 
 def test_token_budget_drops_the_oldest_never_the_candidates(contract):
     tok = tiny_tokenizer()
-    full = ExampleBuilder(contract, PromptConfig(max_history=50, history_token_budget=100_000))
-    tight = ExampleBuilder(contract, PromptConfig(max_history=50, history_token_budget=40))
-    ex = max(full.choice_examples("train"), key=lambda e: len(full.history_lines(e)))
-    long_msgs, long_arts = full.messages(ex, count_tokens=lambda t: len(tok(t)["input_ids"]))
-    short_msgs, short_arts = tight.messages(ex, count_tokens=lambda t: len(tok(t)["input_ids"]))
-    assert len(short_msgs[1]["content"]) < len(long_msgs[1]["content"])
-    assert short_arts[-len(ex.candidates):] == ex.candidates == long_arts[-len(ex.candidates):]
-    kept = [line for line in short_msgs[1]["content"].splitlines() if line.startswith("- ")]
-    all_lines = [line for line in long_msgs[1]["content"].splitlines() if line.startswith("- ")]
+    full = PromptEncoder(ExampleBuilder(contract, PromptConfig(max_history=50, history_token_budget=100_000)), tok)
+    tight = PromptEncoder(ExampleBuilder(contract, PromptConfig(max_history=50, history_token_budget=40)), tok)
+    ex = max(full.builder.choice_examples("train"), key=lambda e: len(full.builder.history_lines(e)))
+    long, short = full.decision(ex), tight.decision(ex)
+    assert len(short.prefix.ids) < len(long.prefix.ids)
+    assert short.block.ids == long.block.ids and short.block.artworks == ex.candidates  # the title block is whole
+    kept = [line for line in tok.decode(short.prefix.ids).splitlines() if line.startswith("- ")]
+    all_lines = [line for line in tok.decode(long.prefix.ids).splitlines() if line.startswith("- ")]
     assert 1 <= len(kept) < len(all_lines) and kept == all_lines[: len(kept)]  # the most recent survive
 
 
@@ -73,16 +75,45 @@ def test_preference_pairs_use_logged_rejections(contract):
 
 def test_encode_slots_match_artworks_and_caption_mode_has_none(contract):
     tok = tiny_tokenizer()
-    b = ExampleBuilder(contract, PromptConfig(), tokens_per_artwork=2)
+    b = ExampleBuilder(contract, PromptConfig())
     ex = b.choice_examples("train")[0]
-    enc = encode(b, ex, tok)
+    d = PromptEncoder(b, tok, slots_per_artwork=2).decision(ex)
     slot = tok.convert_tokens_to_ids(SLOT_TOKEN)
-    assert enc["input_ids"].count(slot) == 2 * len(enc["artwork_ids"])
-    assert enc["artwork_ids"][-3:] == ex.candidates and len(enc["answer_ids"]) == 3
-    cap = ExampleBuilder(contract, PromptConfig(artwork_input="caption"))
-    enc2 = encode(cap, ex, tok)
-    assert enc2["artwork_ids"] == [] and slot not in enc2["input_ids"]
-    assert "artwork:" in cap.messages(ex)[0][1]["content"]
+    ids, arts = d.prefix.ids + d.block.ids, d.prefix.artworks + d.block.artworks
+    assert ids.count(slot) == 2 * len(arts) and d.block.artworks == ex.candidates and len(d.read_ids) == 3
+    cap = PromptEncoder(ExampleBuilder(contract, PromptConfig(artwork_input="caption")), tok).decision(ex)
+    assert cap.prefix.artworks == cap.block.artworks == [] and slot not in cap.prefix.ids + cap.block.ids
+    assert "artwork:" in tok.decode(cap.block.ids)
+
+
+def test_prefix_and_block_split_the_chat_and_letter_blocks_end_at_the_answer(contract):
+    """The prefix opens the chat (system turn); a letter block closes it with the generation prompt."""
+    tok = tiny_tokenizer()
+    enc = PromptEncoder(ExampleBuilder(contract, PromptConfig(answer="letter")), tok)
+    ex = enc.builder.choice_examples("train")[0]
+    d = enc.decision(ex)
+    prefix, block = tok.decode(d.prefix.ids), tok.decode(d.block.ids)
+    assert prefix.startswith("<|im_start|>system") and "History, most recent first:" in prefix
+    assert block.startswith("Title:") and block.endswith("<|im_start|>assistant\n")
+    assert d.block.reads == [len(d.block.ids) - 1] * len(ex.candidates)  # every letter read at the answer
+    whole = tok.apply_chat_template(
+        [{"role": "system", "content": "Pick the artwork this streaming member is most likely to play."},
+         {"role": "user", "content": (prefix + block).split("<|im_start|>user\n", 1)[1].split("<|im_end|>")[0]}],
+        tokenize=False, add_generation_prompt=True)
+    assert whole == prefix + block  # the two parts are exactly the chat template's rendering
+
+
+def test_decisions_of_one_member_and_history_share_the_prefix(contract):
+    tok = tiny_tokenizer()
+    enc = PromptEncoder(ExampleBuilder(contract, PromptConfig()), tok)
+    exs = enc.builder.pair_examples("train")
+    by_key = {}
+    for ex in exs:
+        by_key.setdefault(enc.builder.prefix_key(ex), []).append(enc.decision(ex))
+    shared = [ds for ds in by_key.values() if len(ds) > 1]
+    assert shared
+    for ds in shared:
+        assert all(d.prefix.ids == ds[0].prefix.ids and d.example.user_id == ds[0].example.user_id for d in ds)
 
 
 def test_pair_examples_one_per_pair(contract):
@@ -91,29 +122,35 @@ def test_pair_examples_one_per_pair(contract):
     imps = contract.frame("impressions")
     assert len(pairs) == len(imps[imps.split == "test"].groupby(["user_id", "title_id"]))
     assert all(e.answer is None for e in pairs)
+    labelled = b.pair_examples("train", labels=True)
+    played = imps[(imps.split == "train") & imps.played]
+    assert sum(e.answer is not None for e in labelled) == len(played.groupby(["user_id", "title_id"]))
+    for e in labelled:
+        assert e.answer is None or e.candidates[e.answer] == e.shown_artwork_id
+        assert e.answer not in e.rejected
 
 
 @pytest.mark.parametrize("artwork_input", ["embeddings", "caption"])
 def test_per_candidate_positions_follow_each_candidate(contract, artwork_input):
-    """Each score position is the marker right after its own candidate's artwork; the prompt ends at the last one."""
+    """Each read position is the marker right after its own candidate's artwork; the block ends at the last one."""
     tok = tiny_tokenizer()
-    b = ExampleBuilder(contract, PromptConfig(answer="per_candidate", artwork_input=artwork_input), tokens_per_artwork=2)
+    b = ExampleBuilder(contract, PromptConfig(answer="per_candidate", artwork_input=artwork_input))
     ex = b.choice_examples("train")[0]
-    enc = encode(b, ex, tok)
-    pos = enc["score_positions"]
+    d = PromptEncoder(b, tok, slots_per_artwork=2).decision(ex)
+    pos, ids = d.block.reads, d.block.ids
     k = len(ex.candidates)
-    assert len(pos) == k == len(enc["answer_ids"]) and pos == sorted(set(pos))
-    assert pos[-1] == len(enc["input_ids"]) - 1  # nothing after the last score position
+    assert len(pos) == k == len(d.read_ids) and pos == sorted(set(pos))
+    assert pos[-1] == len(ids) - 1  # nothing after the last read position
     for i in range(k):
-        text = tok.decode(enc["input_ids"][: pos[i] + 1])
+        text = tok.decode(ids[: pos[i] + 1])
         assert text.endswith(" match") and text.count(" match") == i + 1
     if artwork_input == "embeddings":
         slot = tok.convert_tokens_to_ids(SLOT_TOKEN)
-        slots = [j for j, t in enumerate(enc["input_ids"]) if t == slot]
-        cand_slots = slots[-2 * k:]
+        slots = [j for j, t in enumerate(ids) if t == slot]
+        assert len(slots) == 2 * k
         for i in range(k):  # candidate i's two slots lie between the previous marker and its own
             lo = pos[i - 1] if i else -1
-            assert all(lo < s < pos[i] for s in cand_slots[2 * i: 2 * i + 2])
+            assert all(lo < s < pos[i] for s in slots[2 * i: 2 * i + 2])
 
 
 def test_history_summary_counts_the_tags_of_played_from_artworks_before_the_decision(contract):
@@ -126,8 +163,9 @@ def test_history_summary_counts_the_tags_of_played_from_artworks_before_the_deci
     found = dict(pair.rsplit(" ", 1) for group in line.split(": ", 1)[1].split("; ") for pair in
                  _pairs(group))
     assert {k: int(v) for k, v in found.items()} == dict(expected)
-    assert line in b.messages(ex)[0][1]["content"]  # all history counted, though only 1 line is shown
-    assert "Played from looks" not in ExampleBuilder(contract, PromptConfig()).messages(ex)[0][1]["content"]
+    tok = tiny_tokenizer()
+    assert line in PromptEncoder(b, tok).text(ex)  # all history counted, though only 1 line is shown
+    assert "Played from looks" not in PromptEncoder(ExampleBuilder(contract, PromptConfig()), tok).text(ex)
 
 
 def _pairs(group: str) -> list[str]:
@@ -139,8 +177,8 @@ def test_max_history_zero_leaves_only_the_summary(contract):
     b = ExampleBuilder(contract, PromptConfig(history_summary=True, max_history=0))
     ex = next(e for e in b.choice_examples("train") if b.history_summary(e))
     assert b.history_lines(ex) == []
-    user = b.messages(ex)[0][1]["content"]
-    assert "History" not in user and user.startswith("Played from looks: ")
-    _, arts = b.messages(ex)
-    assert arts == list(ex.candidates)  # no history artworks, only the candidates' slots
+    pieces = b.prefix_pieces(ex)
+    assert len(pieces) == 1 and isinstance(pieces[0], Text) and pieces[0].text.startswith("Played from looks: ")
+    d = PromptEncoder(b, tiny_tokenizer()).decision(ex)
+    assert d.prefix.artworks == [] and d.block.artworks == list(ex.candidates)  # only the candidates' slots
 

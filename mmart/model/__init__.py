@@ -4,7 +4,9 @@ Modules, in the order data flows through them:
     llm         the default LLM offline (SmolLM2 from its PyPI wheel) and any HF causal LM
     projector   cached artwork vectors -> LLM embedding space
     chooser     slots in the prompt filled with projected artworks (works under TRL and PEFT)
-    scoring     the candidates' letter log-probabilities in one forward
+    readout     one unit per answer form: its prompt lines, what it reads, its scores
+    packing     one member prefix + several title blocks per sequence
+    scoring     every candidate's score in one forward
     checkpoint  build, LoRA-wrap, save, load, export merged
     batching    padding helpers;  testing: tiny offline models for tests
 """
@@ -27,9 +29,16 @@ from mmart.model.chooser import (
 )
 from mmart.model.llm import SLOT_TOKEN, add_slot_token, ensure_default_llm, load_llm
 from mmart.model.projector import ArtworkProjector, ProjectorConfig, build_projector
-from mmart.model.scoring import answer_positions, letter_token_ids, score_letters
+from mmart.model.readout import LETTERS, READOUTS, LetterReadout, PerCandidateReadout, Readout, make_readout
+from mmart.model.scoring import answer_positions, read_log_probs, score_batch
 
 __all__ = [
+    "LETTERS",
+    "READOUTS",
+    "LetterReadout",
+    "PerCandidateReadout",
+    "Readout",
+    "make_readout",
     "SLOT_TOKEN",
     "ArtworkProjector",
     "ChooserSpec",
@@ -44,12 +53,12 @@ __all__ = [
     "chooser_slot_token_id",
     "ensure_default_llm",
     "export_merged",
-    "letter_token_ids",
     "load_chooser",
     "load_llm",
     "lora_config",
     "save_chooser",
-    "score_letters",
+    "read_log_probs",
+    "score_batch",
     "slots_per_artwork",
     "set_artwork_cache",
 ]

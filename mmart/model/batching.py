@@ -1,11 +1,12 @@
-"""Padding helpers shared by scoring, collators and tests.
+"""Padding helpers shared by collators, scoring and tests.
 
-Shape letters: B batch, L sequence length, M artworks per prompt.
+Shape letters: B batch, L sequence length, M artworks per prompt, D decisions per row, K candidates.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -16,7 +17,7 @@ def pad_sequences(
     """``(input_ids [B, L], attention_mask [B, L])`` from token lists, padded on ``side``.
 
     Right padding is what TRL's collators use for training; left padding is what batched
-    ``generate`` needs. ``score_letters`` accepts either.
+    ``generate`` needs. ``read_log_probs`` accepts either.
     """
     if side not in ("left", "right"):
         raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
@@ -30,28 +31,28 @@ def pad_sequences(
     return ids, mask
 
 
-def pad_artwork_ids(rows: Sequence[Sequence[int]], width: int | None = None) -> torch.Tensor:
-    """``artwork_ids [B, M]`` from per-prompt lists of cache rows (in slot order), padded with -1."""
-    width = max([1, width or 0, *(len(r) for r in rows)])
-    out = torch.full((len(rows), width), -1, dtype=torch.long)
+def pad_2d(rows: Sequence[Sequence[Any]], fill: Any, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """``[B, W]`` from per-row lists, right-padded with ``fill`` (W >= 1)."""
+    width = max([1, *(len(r) for r in rows)])
+    out = torch.full((len(rows), width), fill, dtype=dtype)
     for i, r in enumerate(rows):
         if len(r):
-            out[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+            out[i, : len(r)] = torch.as_tensor(list(r), dtype=dtype)
     return out
 
 
-def pad_candidates(rows: Sequence[Sequence[float]], fill: float, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """``[B, K]`` from per-prompt candidate lists (answer tokens, score positions, targets), padded with ``fill``."""
-    width = max(len(r) for r in rows)
-    return torch.tensor([list(r) + [fill] * (width - len(r)) for r in rows], dtype=dtype)
-
-
-def candidate_batch(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
-    """``answer_ids [B, K]`` (-1 pad) and, for per-candidate rows, ``score_positions [B, K]`` (0 pad)."""
-    out = {"answer_ids": pad_candidates([e["answer_ids"] for e in examples], -1)}
-    positions = [e.get("score_positions") or [] for e in examples]
-    if any(positions):
-        if not all(positions):
-            raise ValueError("a batch mixes letter and per-candidate rows")
-        out["score_positions"] = pad_candidates(positions, 0)
+def pad_3d(rows: Sequence[Sequence[Sequence[Any]]], fill: Any, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """``[B, D, K]`` from per-row lists of per-decision lists, padded with ``fill``."""
+    d = max([1, *(len(r) for r in rows)])
+    k = max([1, *(len(x) for r in rows for x in r)])
+    out = torch.full((len(rows), d, k), fill, dtype=dtype)
+    for i, r in enumerate(rows):
+        for j, x in enumerate(r):
+            if len(x):
+                out[i, j, : len(x)] = torch.as_tensor(list(x), dtype=dtype)
     return out
+
+
+def pad_artwork_ids(rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``artwork_ids [B, M]`` from per-prompt lists of cache rows (in slot order), padded with -1."""
+    return pad_2d(rows, -1)

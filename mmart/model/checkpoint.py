@@ -81,11 +81,13 @@ def resolve_base_model(base_model: str, home: Path | None = None) -> str:
         return str(ensure_default_llm(home))
     if base_model.startswith("tiny:"):
         from mmart.model.llm import mmart_home
-        from mmart.model.testing import save_tiny_llm
+        from mmart.model.testing import save_tiny_llm, tiny_fingerprint
 
-        folder = mmart_home(home) / "models" / f"tiny-{base_model.split(':', 1)[1]}"
+        arch = base_model.split(":", 1)[1]
+        # Named by what it is built from, so a changed tiny tokenizer or config never reuses an old folder.
+        folder = mmart_home(home) / "models" / f"tiny-{arch}-{tiny_fingerprint(arch)}"
         if not (folder / "config.json").is_file():
-            save_tiny_llm(folder, base_model.split(":", 1)[1])
+            save_tiny_llm(folder, arch)
         return str(folder)
     return base_model
 

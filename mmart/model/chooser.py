@@ -271,7 +271,7 @@ def _inject_artworks(
             f"{bad} have slots {slots_per_row[bad].tolist()} but artworks x slots per artwork = "
             f"{expected[bad].tolist()} (cache tokens_per_artwork {int(state.cache.shape[1])} x projector tokens "
             f"{per_artwork // int(state.cache.shape[1])}). Each artwork in artwork_ids needs exactly that many "
-            "consecutive slot tokens in its prompt: build prompts with ExampleBuilder(..., slots_per_artwork)."
+            "consecutive slot tokens in its prompt: build prompts with PromptEncoder(..., slots_per_artwork(model))."
         )
 
     embeds = inner.get_input_embeddings()(input_ids)  # [B, L, H]

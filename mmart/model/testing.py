@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from mmart.model.chooser import attach_artworks
 from mmart.model.llm import SLOT_TOKEN, add_slot_token
 from mmart.model.projector import ProjectorKind, build_projector
-from mmart.model.scoring import LETTERS
+from mmart.model.readout import LETTERS
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -32,6 +32,8 @@ _CORPUS = [
     "Which artwork for this title will the member most likely play? Answer with the letter.",
     "Candidates: A, B, C, D, E, F, G, H. Each candidate is an image of the title.",
     "You are a recommender that chooses the artwork a streaming member will play.",
+    # per_candidate readout words: " yes" must be one token (it is read), " match" ends each candidate line.
+    "Would they play it from each artwork (yes/no)? A: match yes B: match yes C: match no D: match yes",
 ]
 TINY_ARCHS = ("llama", "qwen2")
 
@@ -145,10 +147,52 @@ def tiny_prompt_ids(
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def tiny_fingerprint(arch: str = "llama", seed: int = 0) -> str:
+    """12 hex digits of what a tiny model folder is built from (tokenizer, config, seed)."""
+    import hashlib
+
+    config = tiny_llm(arch, vocab_size=len(tiny_tokenizer(slot_token=None)), seed=seed).config.to_json_string()
+    return hashlib.sha256(f"{_tiny_tokenizer_json()}|{config}|{seed}".encode()).hexdigest()[:12]
+
+
 def save_tiny_llm(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
-    """A tiny LLM + tokenizer saved as a normal model folder (to test loading by path)."""
+    """A tiny LLM + tokenizer saved as a normal model folder (to test loading by path); written to a
+    temporary folder and renamed into place, so a concurrent or killed writer never leaves half a folder."""
+    import os
+    import tempfile
+
     tokenizer = tiny_tokenizer(slot_token=None)
     llm = tiny_llm(arch, vocab_size=len(tokenizer), seed=seed)
-    llm.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{folder.name}-", dir=folder.parent) as tmp:
+        llm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / "config.json").is_file():
+                raise
+        else:
+            os.makedirs(tmp)  # TemporaryDirectory cleans up the name it created
     return folder
+
+
+def letter_ids(tokenizer, k: int) -> torch.Tensor:
+    """Token ids ``[k]`` of the answer letters A, B, ... (the letter readout's reads)."""
+    from mmart.model.readout import LetterReadout
+
+    return torch.tensor(LetterReadout().read_token_ids(tokenizer, k), dtype=torch.long)
+
+
+def one_decision_row(prompt_ids: list[int], artwork_ids: list[int], answer_ids: list[int], chosen: int = -1,
+                     rejected: list[int] | None = None, positions: list[int] | None = None, index: int = 0) -> dict:
+    """A decision row (``mmart.model.packing``) holding one prompt: read at ``positions`` (default: every
+    candidate at the prompt's last token, a letter readout), labelled with ``chosen`` and ``rejected``."""
+    n = len(prompt_ids)
+    return {
+        "input_ids": list(prompt_ids), "segment_ids": [1] * n, "position_ids": list(range(n)),
+        "artwork_ids": list(artwork_ids), "answer_ids": [list(answer_ids)],
+        "score_positions": [list(positions) if positions is not None else [n - 1] * len(answer_ids)],
+        "chosen": [chosen], "rejected": [list(rejected or [])], "example_id": [f"e{index}"], "decision_index": [index],
+    }

@@ -1,19 +1,21 @@
 """Examples -> tokenized rows (``datasets.Dataset``) for SFT, DPO and scoring.
 
-Artwork ids become cache row indices here, once, so the training step only gathers
-rows from the device-resident cache tensor.
+Every stage uses the same rows (``mmart.model.packing``): a member prefix and one or more
+title blocks, with per-decision labels. Artwork ids become cache row indices here, once,
+so the training step only gathers rows from the device-resident cache tensor.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from datasets import Dataset
 from tqdm.auto import tqdm
 
 from mmart.errors import UserError
-from mmart.examples import Example, ExampleBuilder, encode
+from mmart.examples import Decision, Example, PromptEncoder
+from mmart.model.packing import pack_decisions
 
 RowsOf = Callable[[Sequence[str]], list[int]]
 
@@ -32,47 +34,43 @@ def cache_rows(cache) -> RowsOf:
     return rows_of
 
 
-def subsample(examples: list[Example], n: int, seed: int, propensity_clip: float | None = None) -> list[Example]:
-    """A seeded sample of ``n`` examples (all when n <= 0 or n >= len).
+def subsample(examples: list[Example], n: int, seed: int, group: Callable[[Example], object] | None = None) -> list[Example]:
+    """A seeded sample of ``n`` examples (all when n <= 0 or n >= len), in their original order.
 
-    With ``propensity_clip``, examples are drawn with probability proportional to
-    min(1 / propensity, clip): importance resampling, so training on logs of a biased
-    serving policy targets what members play, not what that policy liked to show.
+    ``group``: draw whole groups (e.g. a member's decisions that share a prompt prefix, so that
+    packed rows hold several titles) until ``n`` examples are drawn; the last group is cut.
     """
     if n <= 0 or n >= len(examples):
         return examples
-    p = None
-    if propensity_clip is not None:
-        w = np.array([min(1.0 / (e.propensity or 1.0), propensity_clip) for e in examples])
-        p = w / w.sum()
-    pick = np.sort(np.random.default_rng(seed).choice(len(examples), n, replace=False, p=p))
-    return [examples[i] for i in pick]
+    rng = np.random.default_rng(seed)
+    if group is None:
+        return [examples[i] for i in np.sort(rng.choice(len(examples), n, replace=False))]
+    groups: dict[object, list[int]] = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(group(ex), []).append(i)
+    keys = list(groups)
+    picked: list[int] = []
+    for g in rng.permutation(len(keys)):
+        picked.extend(groups[keys[g]][: n - len(picked)])
+        if len(picked) >= n:
+            break
+    return [examples[i] for i in sorted(picked)]
 
 
-def _encoded(builder: ExampleBuilder, examples: list[Example], tokenizer, desc: str):
-    for ex in tqdm(examples, desc=desc, unit="ex", leave=False):
-        yield ex, encode(builder, ex, tokenizer)
+def importance_weights(examples: Sequence[Example], clip: float | None) -> list[float]:
+    """min(1 / propensity, clip), scaled to mean 1 over the labelled examples (1.0 when ``clip`` is None).
 
-
-def sft_dataset(builder: ExampleBuilder, examples: list[Example], tokenizer, rows_of: RowsOf,
-                teacher=None, teacher_temperature: float = 1.0) -> Dataset:
-    """letter: prompt + answer letter, loss on the letter only (labels -100 elsewhere), TRL's own loss.
-    per_candidate: the prompt with each candidate's score position; the loss is a softmax over the K
-    candidates' scores (``ArtworkSFTTrainer.compute_loss``)."""
-    if builder.cfg.answer == "per_candidate":
-        return _per_candidate_sft(builder, examples, tokenizer, rows_of, teacher, teacher_temperature)
-    if teacher is not None:
-        raise UserError("sft.teacher needs prompt.answer=per_candidate (its loss is over the candidates)")
-    out = []
-    for ex, enc in _encoded(builder, examples, tokenizer, "encode sft"):
-        letter = enc["answer_ids"][enc["answer"]]
-        out.append({
-            "input_ids": enc["input_ids"] + [letter],
-            "labels": [-100] * len(enc["input_ids"]) + [letter],
-            "artwork_ids": rows_of(enc["artwork_ids"]),
-            "propensity": ex.propensity if ex.propensity is not None else 1.0,
-        })
-    return Dataset.from_list(out)
+    Learning which artwork was played from logs of a biased serving policy learns that
+    policy's taste too: the share of plays an artwork gets grows with how often it was shown.
+    Weighting each played example by 1/propensity targets what members play (clipped, so a
+    few rare shows cannot dominate); scaling to mean 1 keeps the loss scale of unweighted SFT.
+    """
+    if clip is None:
+        return [1.0] * len(examples)
+    raw = np.array([min(1.0 / (e.propensity or 1.0), clip) for e in examples])
+    labelled = np.array([e.answer is not None for e in examples])
+    mean = raw[labelled].mean() if labelled.any() else 1.0
+    return (raw / mean).tolist()
 
 
 def teacher_targets(teacher, ex: Example, temperature: float = 1.0) -> list[float]:
@@ -87,27 +85,22 @@ def teacher_targets(teacher, ex: Example, temperature: float = 1.0) -> list[floa
     return (p / p.sum()).tolist()
 
 
-def _per_candidate_sft(builder, examples, tokenizer, rows_of, teacher=None, temperature: float = 1.0) -> Dataset:
-    """The choice rows, named as TRL's collator expects (labels unused: the loss is over candidates)."""
-    rows = choice_dataset(builder, examples, tokenizer, rows_of).remove_columns(["example_id", "rejected"])
-    rows = rows.rename_column("prompt_ids", "input_ids")
-    rows = rows.add_column("labels", [[-100] * len(ids) for ids in rows["input_ids"]])
+def encode_decisions(encoder: PromptEncoder, examples: Sequence[Example], desc: str = "encode") -> list[Decision]:
+    return [encoder.decision(ex) for ex in tqdm(examples, desc=desc, unit="ex", leave=False)]
+
+
+def decision_rows(encoder: PromptEncoder, examples: Sequence[Example], rows_of: RowsOf, max_titles: int = 1,
+                  teacher=None, teacher_temperature: float = 1.0, propensity_clip: float | None = None,
+                  desc: str = "encode") -> Dataset:
+    """Rows of ``max_titles`` decisions sharing a member prefix (1 = one prompt per decision), with labels:
+    ``chosen`` (index of the played candidate, -1 if none), ``rejected`` (indices), ``weight`` (importance
+    weight of the played label) and, with a ``teacher``, ``target_probs`` (its choice distribution)."""
+    decisions = encode_decisions(encoder, examples, desc)
+    fields: dict[str, list] = {
+        "chosen": [-1 if ex.answer is None else ex.answer for ex in examples],
+        "rejected": [list(ex.rejected) for ex in examples],
+        "weight": importance_weights(examples, propensity_clip),
+    }
     if teacher is not None:
-        rows = rows.add_column("target_probs", [teacher_targets(teacher, ex, temperature) for ex in examples])
-    return rows
-
-
-def choice_dataset(builder: ExampleBuilder, examples: list[Example], tokenizer, rows_of: RowsOf) -> Dataset:
-    """Multiple-choice rows for the fast DPO path and for scoring: prompt, letters, chosen, rejected."""
-    out = []
-    for ex, enc in _encoded(builder, examples, tokenizer, "encode choices"):
-        out.append({
-            "example_id": ex.example_id,
-            "prompt_ids": enc["input_ids"],
-            "answer_ids": enc["answer_ids"],
-            "score_positions": enc["score_positions"],
-            "artwork_ids": rows_of(enc["artwork_ids"]),
-            "chosen": -1 if ex.answer is None else ex.answer,
-            "rejected": list(ex.rejected),
-        })
-    return Dataset.from_list(out)
+        fields["target_probs"] = [teacher_targets(teacher, ex, teacher_temperature) for ex in examples]
+    return Dataset.from_list(pack_decisions(decisions, max_titles, rows_of, fields))

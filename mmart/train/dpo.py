@@ -34,7 +34,7 @@ from mmart.train.common import (
     save_curves,
     trainable_digest,
 )
-from mmart.train.data import cache_rows, choice_dataset, subsample
+from mmart.train.data import cache_rows, decision_rows, subsample
 from mmart.train.dpo_fast import (
     FastDPOConfig,
     MultimodalDPOTrainer,
@@ -42,7 +42,7 @@ from mmart.train.dpo_fast import (
     MultipleChoiceDPOTrainer,
     expand_to_pairs,
 )
-from mmart.train.sft import _yaml
+from mmart.train.sft import _yaml, encoder_for
 
 
 class FastTrainer(ProjectorLRMixin, MultipleChoiceDPOTrainer):
@@ -81,17 +81,20 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
     model = add_lora(model, lora_config(m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target))
     if inputs.cache is not None:
         set_artwork_cache(model, inputs.cache.embeddings)
-    examples = subsample(inputs.builder.preference_examples("train"), cfg.dpo.max_examples, cfg.dpo.seed)
-    rows = choice_dataset(inputs.builder, examples, tokenizer, cache_rows(inputs.cache))
     d = cfg.dpo
+    examples = subsample(inputs.builder.preference_examples("train"), d.max_examples, d.seed,
+                         group=inputs.builder.prefix_key)
+    rows = decision_rows(encoder_for(inputs, model, tokenizer), examples, cache_rows(inputs.cache),
+                         d.pack_titles if d.method == "fast" else 1, desc="encode dpo")
     if freeze_projector_if_zero_lr(model, d.projector_lr):
         print("[mmart dpo] projector frozen (dpo.projector_lr = 0)")
-    shared = common_args(d, out, slots=cfg.prompt.artwork_input == "embeddings")
+    shared = common_args(d, out, slots=cfg.prompt.artwork_input == "embeddings", what="dpo")
     if d.method == "fast":
         args = FastDPOConfig(**shared, beta=d.beta, loss_type=d.loss_type,
                              label_smoothing=d.label_smoothing, **d.extra)
         trainer = FastTrainer(model=model, args=args, train_dataset=rows,
                               data_collator=MultipleChoiceCollator(pad_token_id=tokenizer.pad_token_id))
+        trainer.readout = inputs.builder.readout
     else:
         from trl import DPOConfig
 
@@ -103,7 +106,7 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
     resume = last_checkpoint(out)
     if resume:
         print(f"[mmart dpo] resuming from {resume}")
-    print(f"[mmart dpo] {len(rows)} preference examples ({d.method} path), beta {d.beta}")
+    print(f"[mmart dpo] {len(examples)} preference examples in {len(rows)} rows ({d.method} path), beta {d.beta}")
     trainer.train(resume_from_checkpoint=resume)
     print(f"[mmart dpo] rank {trainer.args.process_index} trainable weights sha256 {trainable_digest(trainer.model)}")
     model_dir = out / "model"

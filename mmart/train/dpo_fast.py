@@ -1,32 +1,33 @@
 """DPO for multiple-choice answers: one shared forward scores every candidate letter.
 
-Shape letters: B prompts, L prompt length, M artworks per prompt, K candidates.
+Shape letters: B rows, L row length, M artworks per row, D decisions per row, K candidates,
+N decisions in a batch.
 
 When the answer is a single letter token, TRL's DPO on a (chosen, rejected) pair reduces
 to the log-probabilities of two letters at the same answer position of the same prompt.
 TRL still runs 4 sequence forwards per pair (policy and reference, chosen and rejected):
 4(K-1) per prompt with K-1 rejected candidates. Here one policy forward (with backward)
 and one reference forward per *prompt* give all K letters' log-probabilities
-(``score_letters``), and the sigmoid DPO loss is taken over the chosen letter against
+(``score_batch``), and the sigmoid DPO loss is taken over the chosen letter against
 each rejected one. The per-pair losses are TRL's to within float error
 (tests/train/test_dpo_fast.py), provided TRL's completion is the letter token alone.
 
-The same loss applies to the per-candidate readout (``prompt.answer: per_candidate``):
-each candidate's log-probability is then read at its own position (``score_positions``)
-instead of at the answer position; there is no TRL equivalent of that form.
+The same loss applies to any readout (``mmart.model.readout``): ``per_candidate`` reads each
+candidate's log-probability at its own position instead of at the answer position (there is
+no TRL equivalent of that form). Rows may pack several decisions of one member behind one
+prefix (``mmart.model.packing``); the loss is then the mean over every pair of every decision
+in the batch, the same as over the decisions' unpacked rows.
 
 Also here: ``MultimodalDPOTrainer``, TRL's own ``DPOTrainer`` made to accept the chooser's
 pre-tokenized, artwork-carrying pairs, so TRL's loss variants stay available and the
 fast path can be checked against the real thing.
 
-Example formats (pre-tokenized, produced by the examples module):
+Example formats (pre-tokenized):
 
-* multiple choice (fast path): ``prompt_ids: list[int]`` (ends at the answer position),
-  ``artwork_ids: list[int]`` (cache rows in slot order), ``answer_ids: list[int]`` (K
-  answer tokens), ``chosen: int`` (index into the K letters), ``rejected: list[int]``
-  (indices of the rejected letters; the others are ignored).
+* decision rows (fast path): ``mmart.train.data.decision_rows``, with per-decision ``chosen``
+  (index into the K candidates) and ``rejected`` (indices paired against it).
 * pairs (TRL): ``prompt_ids``, ``chosen_ids: [letter]``, ``rejected_ids: [letter]``,
-  ``artwork_ids``; ``expand_to_pairs`` makes them from the multiple-choice rows.
+  ``artwork_ids``; ``expand_to_pairs`` makes them from one-decision letter rows.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ from transformers import Trainer, TrainingArguments
 from trl import DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from mmart.model.batching import candidate_batch, pad_artwork_ids, pad_sequences
-from mmart.model.scoring import score_letters
+from mmart.model.batching import pad_artwork_ids
+from mmart.model.packing import collate_rows
+from mmart.model.scoring import score_batch
 
 FAST_LOSS_TYPES = ("sigmoid", "robust")
 
@@ -125,30 +127,31 @@ def fast_dpo_loss(
     label_smoothing: float = 0.0,
     loss_type: str = "sigmoid",
     ref_model: nn.Module | None = None,
+    readout=None,
 ) -> FastDPOOutput:
-    """One policy forward (with grad) and one reference forward (no grad) over the shared prompts.
+    """One policy forward (with grad) and one reference forward (no grad) over the batch's rows.
 
-    ``batch``: ``input_ids``/``attention_mask`` ``[B, L]``, ``artwork_ids`` ``[B, M]``,
-    ``answer_ids`` ``[B, K]`` (-1 pad), ``chosen`` ``[B]``, ``rejected_mask`` ``[B, K]``.
+    ``batch``: a collated batch of decision rows (``mmart.model.packing.collate_rows``) with
+    ``chosen`` ``[B, D]`` and ``rejected_mask`` ``[B, D, K]``. Decisions without a label are skipped.
     The reference is ``ref_model`` or, for a PEFT policy, the policy with its adapter off.
     """
-    inputs = (batch["input_ids"], batch["attention_mask"], batch.get("artwork_ids"), batch["answer_ids"],
-              batch.get("score_positions"))
-    policy_logps = score_letters(model, *inputs)
+    policy = score_batch(model, batch, readout)
     with torch.no_grad():
         if ref_model is not None:
-            ref_logps = score_letters(ref_model, *inputs)
+            ref = score_batch(ref_model, batch, readout)
         else:
             with reference_context(model):
-                ref_logps = score_letters(model, *inputs)
-    rejected_mask = batch["rejected_mask"].bool() & (batch["answer_ids"] >= 0)
+                ref = score_batch(model, batch, readout)
+    valid = batch["decision_mask"] & (batch["chosen"] >= 0)  # [B, D]
+    policy_logps, ref_logps, chosen = policy[valid], ref[valid], batch["chosen"][valid]  # [N, K], [N]
+    rejected_mask = batch["rejected_mask"][valid] & (batch["answer_ids"][valid] >= 0)
     losses, rewards = multiple_choice_dpo_losses(
-        policy_logps, ref_logps, batch["chosen"], rejected_mask, beta, label_smoothing, loss_type
+        policy_logps, ref_logps, chosen, rejected_mask, beta, label_smoothing, loss_type
     )
     num_pairs = rejected_mask.sum()
     if int(num_pairs) == 0:
         raise ValueError("the batch has no (chosen, rejected) pair: every example needs at least one rejected letter")
-    chosen_rewards = rewards.gather(-1, batch["chosen"].view(-1, 1)).squeeze(-1)
+    chosen_rewards = rewards.gather(-1, chosen.view(-1, 1)).squeeze(-1)
     return FastDPOOutput(
         loss=losses.sum() / num_pairs,
         pair_losses=losses,
@@ -162,44 +165,33 @@ def fast_dpo_loss(
 
 @dataclass
 class MultipleChoiceCollator:
-    """Pads multiple-choice rows into the ``fast_dpo_loss`` batch (prompts right-padded)."""
+    """Pads decision rows into the ``fast_dpo_loss`` batch (rows right-padded)."""
 
     pad_token_id: int
 
-    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        input_ids, attention_mask = pad_sequences([e["prompt_ids"] for e in examples], self.pad_token_id)
-        cands = candidate_batch(examples)
-        answer_ids = cands["answer_ids"]
-        rejected_mask = torch.zeros_like(answer_ids, dtype=torch.bool)
-        for i, e in enumerate(examples):
-            if e["chosen"] in e["rejected"]:
-                raise ValueError(f"example {i}: the chosen letter {e['chosen']} is also listed as rejected")
-            rejected_mask[i, list(e["rejected"])] = True
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "artwork_ids": pad_artwork_ids([e.get("artwork_ids", []) for e in examples]),
-            **cands,
-            "chosen": torch.tensor([int(e["chosen"]) for e in examples], dtype=torch.long),
-            "rejected_mask": rejected_mask,
-        }
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return collate_rows(rows, self.pad_token_id)
 
 
-def expand_to_pairs(examples: Sequence[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """TRL preference rows from multiple-choice rows: one per (chosen, rejected letter).
+def expand_to_pairs(rows: Sequence[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """TRL preference rows from one-decision letter rows: one per (chosen, rejected letter).
 
     Completions are the single letter token and nothing else (no EOS): that is what the
-    fast path scores, and the condition for its losses to equal TRL's.
+    fast path scores, and the condition for its losses to equal TRL's. The row must end at
+    its answer position (a letter readout), so the completion follows the prompt directly.
     """
-    for e in examples:
-        if e.get("score_positions"):
+    for e in rows:
+        if len(e["answer_ids"]) != 1:
+            raise ValueError("TRL's DPOTrainer takes one prompt per pair: build the rows with pack_titles=1")
+        positions, answers, chosen = e["score_positions"][0], e["answer_ids"][0], e["chosen"][0]
+        if len(set(positions)) != 1 or positions[0] != len(e["input_ids"]) - 1:
             raise ValueError("TRL's DPOTrainer scores completions, not per-candidate positions: "
                              "dpo.method=trl needs prompt.answer=letter (or use dpo.method=fast)")
-        for r in e["rejected"]:
+        for r in e["rejected"][0]:
             yield {
-                "prompt_ids": list(e["prompt_ids"]),
-                "chosen_ids": [e["answer_ids"][e["chosen"]]],
-                "rejected_ids": [e["answer_ids"][r]],
+                "prompt_ids": list(e["input_ids"]),
+                "chosen_ids": [answers[chosen]],
+                "rejected_ids": [answers[r]],
                 "artwork_ids": list(e.get("artwork_ids", [])),
             }
 
@@ -222,6 +214,8 @@ class MultipleChoiceDPOTrainer(Trainer):
     ``rewards/margins``, ``rewards/accuracies``) so the same plots read both trainers.
     """
 
+    readout = None
+
     def __init__(self, *args: Any, ref_model: nn.Module | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.args.remove_unused_columns:
@@ -237,6 +231,7 @@ class MultipleChoiceDPOTrainer(Trainer):
             label_smoothing=getattr(self.args, "label_smoothing", 0.0),
             loss_type=getattr(self.args, "loss_type", "sigmoid"),
             ref_model=self.ref_model,
+            readout=self.readout,
         )
         metrics = self._metrics["train" if model.training else "eval"]
         mask = out.pair_mask

@@ -1,8 +1,11 @@
-"""SFT on TRL's SFTTrainer: the played artwork is the target.
+"""SFT on TRL's SFTTrainer: a listwise loss over each decision's candidates.
 
-``prompt.answer: letter``: TRL's own loss on the answer letter (labels masked to it).
-``prompt.answer: per_candidate``: a softmax over the K candidates' scores (log p(" yes") at
-each candidate's position), cross-entropy against the played one, in ``compute_loss``.
+Each decision's candidates are scored by the readout (``mmart.model.readout``) in one
+forward over a packed row (one member prefix, several title blocks); the loss is the
+cross-entropy of the softmax over the K scores against the played candidate (weighted by
+its importance weight), mixed with the cross-entropy against a teacher's choice
+distribution when ``sft.teacher`` is set. A packed batch's loss is the mean over its
+decisions, so it equals the mean of the same decisions' unpacked losses.
 
 Run as: ``mmart sft --config configs/default.yaml`` (resumes from its last checkpoint).
 """
@@ -15,14 +18,14 @@ from pathlib import Path
 
 import torch
 from trl import SFTConfig, SFTTrainer
-from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from mmart.config import PipelineConfig, to_dict
 from mmart.distributed import distributed_state
-from mmart.model.batching import candidate_batch, pad_artwork_ids, pad_candidates
-from mmart.model.scoring import score_letters
+from mmart.examples import PromptEncoder
 from mmart.model.checkpoint import add_lora, build_chooser, lora_config, resolve_base_model, save_chooser
-from mmart.model.chooser import chooser_projector, set_artwork_cache
+from mmart.model.chooser import chooser_projector, set_artwork_cache, slots_per_artwork
+from mmart.model.packing import collate_rows
+from mmart.model.scoring import score_batch
 from mmart.train.align import align_projector, word_targets
 from mmart.train.common import (
     ProjectorLRMixin,
@@ -33,47 +36,61 @@ from mmart.train.common import (
     save_curves,
     trainable_digest,
 )
-from mmart.train.data import cache_rows, sft_dataset, subsample
+from mmart.train.data import cache_rows, decision_rows, subsample
 
 
 @dataclass
-class ArtworkSFTCollator(DataCollatorForLanguageModeling):
-    """TRL's collator (padding, labels) plus the artwork rows, padded with -1 (TRL's would drop them)."""
+class DecisionCollator:
+    """Pads packed decision rows (``mmart.model.packing.collate_rows``)."""
 
-    def torch_call(self, examples):
-        out = super().torch_call([{k: e[k] for k in ("input_ids", "labels")} for e in examples])
-        out["artwork_ids"] = pad_artwork_ids([e["artwork_ids"] for e in examples])
-        if "score_positions" in examples[0]:
-            out.update(candidate_batch(examples))
-            out["chosen"] = torch.tensor([int(e["chosen"]) for e in examples], dtype=torch.long)
-        if "target_probs" in examples[0]:
-            out["target_probs"] = pad_candidates([e["target_probs"] for e in examples], 0.0, torch.float32)
-        return out
+    pad_token_id: int
+
+    def __call__(self, rows):
+        return collate_rows(rows, self.pad_token_id)
+
+
+def choice_loss(scores: torch.Tensor, batch: dict[str, torch.Tensor], teacher_weight: float = 0.0):
+    """Mean over the batch's decisions of ``(1 - w) * weight * CE(played) + w * CE(teacher)``, and metrics.
+
+    ``scores``: ``[B, D, K]`` (``-inf`` past a decision's K). A decision without a played label
+    (``chosen`` -1) contributes only its teacher term. Returns ``(loss, metrics)``.
+    """
+    valid = batch["decision_mask"]
+    s = scores[valid]  # [N, K]
+    log_p = torch.log_softmax(s, dim=-1)
+    real = torch.isfinite(s)
+    chosen = batch["chosen"][valid]
+    labelled = chosen >= 0
+    weight = batch["weight"][valid] if "weight" in batch else torch.ones_like(chosen, dtype=s.dtype)
+    ce = -log_p.gather(-1, chosen.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [N]
+    hard = torch.where(labelled, weight * ce, torch.zeros_like(ce))
+    metrics: dict[str, float] = {}
+    if labelled.any():
+        metrics["choice_accuracy"] = (s.argmax(-1) == chosen)[labelled].float().mean().item()
+        metrics["played_ce"] = ce[labelled].mean().item()
+    if "target_probs" in batch:
+        soft = -(batch["target_probs"][valid] * log_p.masked_fill(~real, 0.0)).sum(-1)  # [N]
+        metrics["teacher_ce"] = soft.mean().item()
+        metrics["teacher_agreement"] = (s.argmax(-1) == batch["target_probs"][valid].argmax(-1)).float().mean().item()
+        per_decision = (1 - teacher_weight) * hard + teacher_weight * soft
+    else:
+        per_decision = hard
+    return per_decision.mean(), metrics
 
 
 class ArtworkSFTTrainer(ProjectorLRMixin, SFTTrainer):
-    """SFTTrainer with a separate projector learning rate; the artworks ride in the batch as ``artwork_ids``.
-
-    Batches with ``score_positions`` (per_candidate) are trained with a listwise loss instead of TRL's token loss.
-    """
+    """SFTTrainer on packed decision rows; a separate projector learning rate; the listwise loss above."""
 
     teacher_weight: float = 0.5
+    readout = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
-        if "score_positions" not in inputs:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        scores = score_letters(model, inputs["input_ids"], inputs["attention_mask"], inputs.get("artwork_ids"),
-                               inputs["answer_ids"], inputs["score_positions"])  # [B, K]
-        loss = torch.nn.functional.cross_entropy(scores, inputs["chosen"])
+        scores = score_batch(model, inputs, self.readout)  # [B, D, K]
+        loss, metrics = choice_loss(scores, inputs, self.teacher_weight)
         mode = "train" if model.training else "eval"
-        if "target_probs" in inputs:  # distillation towards the teacher's choice distribution
-            log_p = torch.log_softmax(scores, -1).masked_fill(inputs["answer_ids"] < 0, 0.0)
-            soft = -(inputs["target_probs"] * log_p).sum(-1).mean()
-            self._metrics[mode]["teacher_ce"].append(soft.item())
-            w = self.teacher_weight
-            loss = (1 - w) * loss + w * soft
-        self._metrics[mode]["choice_accuracy"].append(
-            (scores.argmax(-1) == inputs["chosen"]).float().mean().item())
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(value)
+        self._metrics[mode]["decisions"].append(float(inputs["decision_mask"].sum()))
         return (loss, {"scores": scores}) if return_outputs else loss
 
 
@@ -97,14 +114,26 @@ def build_model(cfg: PipelineConfig, cache=None, contract=None):
     return add_lora(model, lora_config(m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target)), tokenizer
 
 
+def encoder_for(inputs, model, tokenizer) -> PromptEncoder:
+    """The prompt encoder of a stage: slots per artwork come from the model (its cache x its projector)."""
+    slots = slots_per_artwork(model) if inputs.cache is not None else 1
+    return PromptEncoder(inputs.builder, tokenizer, slots)
+
+
+def sft_examples(cfg: PipelineConfig, builder) -> list:
+    """The decisions SFT learns from (``sft.examples``), drawn member by member up to ``sft.max_examples``."""
+    s = cfg.sft
+    pool = builder.choice_examples("train") if s.examples == "played" else builder.pair_examples("train", labels=True)
+    return subsample(pool, s.max_examples, s.seed, group=builder.prefix_key)
+
+
 def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: list | None = None) -> Path:
     """Train, save the chooser to ``<out>/model`` and the curves to ``<out>/model/curves.png``."""
     out = Path(out_dir or f"{cfg.output_dir}/sft")
     start = time.perf_counter()
     distributed_state()  # before the Trainer: CPU processes join one gloo group
     inputs = load_inputs(cfg)
-    examples = subsample(inputs.builder.choice_examples("train"), cfg.sft.max_examples, cfg.sft.seed,
-                         cfg.sft.propensity_clip)
+    examples = sft_examples(cfg, inputs.builder)
     model, tokenizer = build_model(cfg, inputs.cache, inputs.contract)
     teacher = None
     if cfg.sft.teacher == "reward_model":
@@ -112,24 +141,28 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
 
         teacher = fit_reward_model(inputs.contract, "train")
         print(f"[mmart sft] teacher: logistic reward model on the train logs, weight {cfg.sft.teacher_weight}")
-    data = sft_dataset(inputs.builder, examples, tokenizer, cache_rows(inputs.cache), teacher,
-                       cfg.sft.teacher_temperature)
+    elif cfg.sft.examples == "pairs":
+        print("[mmart sft] warning: sft.examples=pairs without a teacher learns only from the played pairs")
+    data = decision_rows(encoder_for(inputs, model, tokenizer), examples, cache_rows(inputs.cache),
+                         cfg.sft.pack_titles, teacher, cfg.sft.teacher_temperature, cfg.sft.propensity_clip,
+                         desc="encode sft")
     if freeze_projector_if_zero_lr(model, cfg.sft.projector_lr):
         print("[mmart sft] projector frozen (sft.projector_lr = 0): the slots keep their stage-0 word alignment")
-    shared = common_args(cfg.sft, out, slots=cfg.prompt.artwork_input == "embeddings")
+    shared = common_args(cfg.sft, out, slots=cfg.prompt.artwork_input == "embeddings", what="sft")
     args = SFTConfig(**shared, max_length=None, packing=False,
                      dataset_kwargs={"skip_prepare_dataset": True}, weight_decay=cfg.sft.weight_decay,
                      **cfg.sft.extra)
     trainer = ArtworkSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                                data_collator=ArtworkSFTCollator(pad_token_id=tokenizer.pad_token_id),
+                                data_collator=DecisionCollator(pad_token_id=tokenizer.pad_token_id),
                                 callbacks=callbacks)
     trainer.projector_lr = cfg.sft.projector_lr
     trainer.teacher_weight = cfg.sft.teacher_weight
+    trainer.readout = inputs.builder.readout
     resume = last_checkpoint(out)
     if resume:
         print(f"[mmart sft] resuming from {resume}")
-    print(f"[mmart sft] {len(data)} examples, {trainer.args.num_train_epochs} epoch(s), batch "
-          f"{cfg.sft.batch_size}x{cfg.sft.grad_accum}")
+    print(f"[mmart sft] {len(examples)} decisions in {len(data)} rows (up to {cfg.sft.pack_titles} per member prefix), "
+          f"{trainer.args.num_train_epochs} epoch(s), batch {cfg.sft.batch_size}x{cfg.sft.grad_accum} rows")
     trainer.train(resume_from_checkpoint=resume)
     rank = trainer.args.process_index
     print(f"[mmart sft] rank {rank} trainable weights sha256 {trainable_digest(trainer.model)}")
@@ -137,7 +170,8 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
     if trainer.is_world_process_zero():
         save_chooser(trainer.model, tokenizer, model_dir)
         (model_dir / "pipeline.yaml").write_text(_yaml(cfg))
-        save_curves(trainer.state.log_history, model_dir / "curves.png", ("loss", "grad_norm", "learning_rate"))
+        save_curves(trainer.state.log_history, model_dir / "curves.png",
+                    ("loss", "choice_accuracy", "teacher_ce", "grad_norm", "learning_rate"))
         print(f"[mmart sft] saved {model_dir} in {time.perf_counter() - start:.0f}s")
     return model_dir
 

@@ -23,7 +23,8 @@ from mmart.model.checkpoint import (
     save_chooser,
 )
 from mmart.model.chooser import set_artwork_cache
-from mmart.model.scoring import letter_token_ids, score_letters
+from mmart.model.scoring import read_log_probs
+from mmart.model.testing import letter_ids
 from mmart.model.testing import save_tiny_llm, tiny_artwork_cache, tiny_prompt_ids
 
 T = 2
@@ -37,12 +38,12 @@ def base_folder(tmp_path_factory) -> Path:
 def _scores(model, tokenizer, reference: bool = False) -> torch.Tensor:
     prompts = [tiny_prompt_ids(tokenizer, 4, T), tiny_prompt_ids(tokenizer, 3, T, history="Heat")]
     batch = pad_sequences(prompts, tokenizer.pad_token_id)
-    args = (*batch, pad_artwork_ids([[0, 1, 2, 3], [4, 5, 6]]), letter_token_ids(tokenizer, 4))
+    args = (*batch, pad_artwork_ids([[0, 1, 2, 3], [4, 5, 6]]), letter_ids(tokenizer, 4))
     with torch.no_grad():
         if reference:
             with model.disable_adapter():
-                return score_letters(model, *args)
-        return score_letters(model, *args)
+                return read_log_probs(model, *args)
+        return read_log_probs(model, *args)
 
 
 def _trained_lora_chooser(base_folder: Path):
@@ -90,14 +91,14 @@ def test_merged_load_and_export_give_the_same_scores(base_folder: Path, tmp_path
     merged, merged_tokenizer, _ = load_chooser(saved, merge=True)
     assert not isinstance(merged, PeftModel)
     set_artwork_cache(merged, tiny_artwork_cache(12, T, 16))
-    torch.testing.assert_close(_scores(merged, merged_tokenizer), before, rtol=0, atol=1e-5)
+    torch.testing.assert_close(_scores(merged, merged_tokenizer), before, rtol=1e-5, atol=1e-5)  # merging reorders float sums
 
     exported = export_merged(saved, tmp_path / "merged")
     assert json.loads((exported / CHOOSER_FILE).read_text())["base_model"] == "."
     _files_hold_no_cache(exported)
     standalone, standalone_tokenizer, _ = load_chooser(exported)
     set_artwork_cache(standalone, tiny_artwork_cache(12, T, 16))
-    torch.testing.assert_close(_scores(standalone, standalone_tokenizer), before, rtol=0, atol=1e-5)
+    torch.testing.assert_close(_scores(standalone, standalone_tokenizer), before, rtol=1e-5, atol=1e-5)
     # The LLM part is a plain transformers folder: no projector keys in its weights.
     plain, info = AutoModelForCausalLM.from_pretrained(exported, output_loading_info=True)
     assert not info["unexpected_keys"] and not info["missing_keys"]

@@ -20,7 +20,8 @@ from mmart.model.chooser import (
     set_artwork_cache,
     slots_per_artwork,
 )
-from mmart.model.scoring import letter_token_ids, score_letters
+from mmart.model.scoring import read_log_probs
+from mmart.model.testing import letter_ids
 from mmart.model.testing import tiny_chooser, tiny_prompt_ids
 
 ARCHS = ["llama", "qwen2"]
@@ -136,9 +137,9 @@ def test_trls_fused_head_calls_the_inner_model_and_still_sees_the_artworks(arch:
 def test_lora_trains_the_projector_copy_and_disabling_the_adapter_restores_the_base() -> None:
     model, tokenizer = tiny_chooser("llama", tokens_per_artwork=T)
     input_ids, attention_mask, artwork_ids = _batch(tokenizer)
-    letters = letter_token_ids(tokenizer, 4)
+    letters = letter_ids(tokenizer, 4)
     with torch.no_grad():
-        base_scores = score_letters(model, input_ids, attention_mask, artwork_ids, letters)
+        base_scores = read_log_probs(model, input_ids, attention_mask, artwork_ids, letters)
     peft_model = add_lora(model)
     names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert any(f"{PROJECTOR_ATTR}.modules_to_save.default." in n for n in names)
@@ -146,7 +147,7 @@ def test_lora_trains_the_projector_copy_and_disabling_the_adapter_restores_the_b
     assert not any("lm_head" in n for n in names)
     assert any("lora_A" in n for n in names)
 
-    loss = -score_letters(peft_model, input_ids, attention_mask, artwork_ids, letters)[:, 0].sum()
+    loss = -read_log_probs(peft_model, input_ids, attention_mask, artwork_ids, letters)[:, 0].sum()
     loss.backward()
     grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
     assert all(g is not None for n, g in grads.items() if PROJECTOR_ATTR in n)
@@ -154,9 +155,9 @@ def test_lora_trains_the_projector_copy_and_disabling_the_adapter_restores_the_b
         for name, param in peft_model.named_parameters():
             if "modules_to_save.default" in name:
                 param.add_(0.5 * torch.randn_like(param))
-        trained = score_letters(peft_model, input_ids, attention_mask, artwork_ids, letters)
+        trained = read_log_probs(peft_model, input_ids, attention_mask, artwork_ids, letters)
         with peft_model.disable_adapter():
-            reference = score_letters(peft_model, input_ids, attention_mask, artwork_ids, letters)
+            reference = read_log_probs(peft_model, input_ids, attention_mask, artwork_ids, letters)
     assert (trained - base_scores).abs().max() > 1e-3
     torch.testing.assert_close(reference, base_scores, rtol=0, atol=1e-6)
 

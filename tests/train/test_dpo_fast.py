@@ -11,8 +11,7 @@ from trl import DPOConfig
 
 from mmart.model.checkpoint import lora_config
 from mmart.model.chooser import PROJECTOR_ATTR
-from mmart.model.scoring import letter_token_ids
-from mmart.model.testing import tiny_chooser, tiny_prompt_ids
+from mmart.model.testing import letter_ids, one_decision_row, tiny_chooser, tiny_prompt_ids
 from mmart.train.dpo_fast import (
     FastDPOConfig,
     MultimodalDPOTrainer,
@@ -28,14 +27,13 @@ BETA = 0.5
 
 
 def _multiple_choice_examples(tokenizer) -> list[dict]:
-    letters = letter_token_ids(tokenizer, 4).tolist()
+    letters = letter_ids(tokenizer, 4).tolist()
     return [
-        {"prompt_ids": tiny_prompt_ids(tokenizer, 4, T), "artwork_ids": [0, 1, 2, 3],
-         "answer_ids": letters, "chosen": 2, "rejected": [0, 1, 3]},
-        {"prompt_ids": tiny_prompt_ids(tokenizer, 3, T, history="Heat, crime."), "artwork_ids": [4, 5, 6],
-         "answer_ids": letters[:3], "chosen": 0, "rejected": [2]},
-        {"prompt_ids": tiny_prompt_ids(tokenizer, 4, T, history="Recently played: The Crown (drama)."),
-         "artwork_ids": [7, 8, 9, 10], "answer_ids": letters, "chosen": 3, "rejected": [0, 1]},
+        one_decision_row(tiny_prompt_ids(tokenizer, 4, T), [0, 1, 2, 3], letters, 2, [0, 1, 3], index=0),
+        one_decision_row(tiny_prompt_ids(tokenizer, 3, T, history="Heat, crime."), [4, 5, 6], letters[:3], 0, [2],
+                         index=1),
+        one_decision_row(tiny_prompt_ids(tokenizer, 4, T, history="Recently played: The Crown (drama)."),
+                         [7, 8, 9, 10], letters, 3, [0, 1], index=2),
     ]
 
 
@@ -157,7 +155,7 @@ def test_multiple_choice_trainer_runs_and_logs_dpo_metrics(tmp_path: Path) -> No
 
 def test_generate_still_takes_artwork_ids_after_trl_patched_the_model(setup) -> None:
     trainer, tokenizer, examples, _ = setup
-    ids, artworks = torch.tensor([examples[0]["prompt_ids"]]), torch.tensor([examples[0]["artwork_ids"]])
+    ids, artworks = torch.tensor([examples[0]["input_ids"]]), torch.tensor([examples[0]["artwork_ids"]])
     with torch.no_grad():
         out = trainer.model.generate(input_ids=ids, artwork_ids=artworks, max_new_tokens=2, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id)

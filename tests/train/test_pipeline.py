@@ -33,7 +33,7 @@ def home(tmp_path_factory):
 def cfg(tiny_world, tmp_path_factory, home) -> PipelineConfig:
     out = tmp_path_factory.mktemp("run")
     c = load_config(PipelineConfig, CONFIG_ROOT / "smoke.yaml", [
-        f"data_dir={tiny_world}", f"output_dir={out}", "sft.max_examples=12", "sft.batch_size=3",
+        f"data_dir={tiny_world}", f"output_dir={out}", "sft.max_examples=12", "sft.batch_size=2",
         "sft.save_steps=2", "dpo.max_examples=6", "dpo.batch_size=3", "sft.logging_steps=1"])
     build_cache(tiny_world, c.cache_dir, c.vision, c.cache, progress=False)
     return c

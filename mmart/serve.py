@@ -1,0 +1,182 @@
+"""Choosing for a whole home page: any member history against any titles and candidate artworks.
+
+No logged dataset is needed: a catalog (titles and artworks tables) for the title text, the
+embedding cache for the artworks (an artwork added after training only needs its cache row),
+and the member's history. The member prefix (system text, history, summary) runs through the
+LLM once; its key/value cache is kept (per member and history, least recently used first out)
+and every title block of this call and of later calls for the same member and history reads
+it instead of recomputing it. All title blocks of a call go through one forward, each
+attending to the prefix and to itself only, so a title's scores are the ones its own full
+prompt gives (tests/test_serve.py).
+
+Run as (Python)::
+
+    from mmart.serve import HomePageChooser, Watched
+    chooser = HomePageChooser.load("outputs/default/dpo/model", "data/world")
+    probs = chooser.choose([Watched("t0012", rating=4, artwork_id="t0012_a1", timestamp=1)],
+                           {"t0040": ["t0040_a0", "t0040_a1", "t0040_a2"], "t0107": [...]})
+    # -> {"t0040": {"t0040_a0": 0.21, ...}, "t0107": {...}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmart.errors import UserError
+from mmart.examples import Example, ExampleBuilder, PromptEncoder, Segment
+from mmart.model.packing import attention_inputs
+from mmart.model.scoring import read_log_probs
+
+_MEMBER = "\x00member"  # the builder's user id for an API member (never a contract id)
+
+
+@dataclass
+class Watched:
+    """One history event: a title the member watched, how they rated it, the artwork they played it from."""
+
+    title_id: str
+    rating: int | None = None
+    artwork_id: str | None = None
+    timestamp: int = 0
+
+    def event(self) -> dict[str, Any]:
+        return {"title_id": self.title_id, "rating": self.rating, "artwork_id": self.artwork_id,
+                "timestamp": int(self.timestamp)}
+
+
+@dataclass
+class _Prefix:
+    segment: Segment
+    cache: Any  # the LLM's key/value cache of the prefix (a transformers Cache)
+
+
+class HomePageChooser:
+    """A saved chooser, its catalog and cache, ready to score home pages (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, builder: ExampleBuilder, encoder: PromptEncoder, cache=None,
+                 bf16: bool = False, max_members: int = 64) -> None:
+        self.model, self.tokenizer, self.builder, self.encoder = model, tokenizer, builder, encoder
+        self.cache, self.bf16, self.max_members = cache, bf16, max_members
+        self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()
+        self.stats = {"prefix_forwards": 0, "prefix_hits": 0, "block_forwards": 0}
+
+    @classmethod
+    def load(cls, model_dir: str | Path, catalog_dir: str | Path, cfg=None, device: str | None = None,
+             max_members: int = 64) -> HomePageChooser:
+        """The chooser in ``model_dir`` with the catalog of ``catalog_dir`` and the cache its config names."""
+        import yaml
+
+        from mmart.config import PipelineConfig, from_dict
+        from mmart.model.checkpoint import load_chooser
+        from mmart.model.chooser import set_artwork_cache, slots_per_artwork
+        from mmart.train.common import load_inputs, use_bf16
+        from mmart.train.common import device as training_device
+
+        model_dir = Path(model_dir)
+        if cfg is None:
+            saved = model_dir / "pipeline.yaml"
+            if not saved.is_file():
+                raise UserError(f"{model_dir} has no pipeline.yaml (the prompt and cache settings it was trained "
+                                "with); pass cfg=load_config(PipelineConfig, <the training config>)")
+            cfg = from_dict(PipelineConfig, yaml.safe_load(saved.read_text()), str(saved))
+        inputs = load_inputs(cfg, str(catalog_dir), check=False)
+        model, tokenizer, _ = load_chooser(model_dir, device=device or training_device())
+        if inputs.cache is not None:
+            set_artwork_cache(model, inputs.cache.embeddings)
+        slots = slots_per_artwork(model) if inputs.cache is not None else 1
+        encoder = PromptEncoder(inputs.builder, tokenizer, slots)
+        return cls(model.eval(), tokenizer, inputs.builder, encoder, inputs.cache,
+                   use_bf16(cfg.eval.bf16, "serve"), max_members)
+
+    # --- Prefix: computed once per member and history ----------------------------------------------
+    def _prefix(self, history: list[Watched], decided_at: int) -> tuple[str, _Prefix]:
+        events = sorted((w.event() for w in history), key=lambda e: -e["timestamp"])
+        self.builder.history[_MEMBER] = events
+        probe = Example("probe", _MEMBER, "", "serve", decided_at, [])
+        segment = self.encoder.encode_pieces([self._head(), *self.builder.prefix_pieces(probe, self.encoder.count_tokens)])
+        key = hashlib.sha256(repr((segment.ids, segment.artworks)).encode()).hexdigest()
+        if key in self._prefixes:
+            self._prefixes.move_to_end(key)
+            self.stats["prefix_hits"] += 1
+            return key, self._prefixes[key]
+        ids = torch.tensor([segment.ids], device=self._device())
+        with self._autocast():
+            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), artwork_ids=self._rows([segment.artworks]),
+                             use_cache=True, logits_to_keep=1)
+        self.stats["prefix_forwards"] += 1
+        self._prefixes[key] = _Prefix(segment, out.past_key_values)
+        while len(self._prefixes) > self.max_members:
+            self._prefixes.popitem(last=False)
+        return key, self._prefixes[key]
+
+    def _head(self):
+        from mmart.model.readout import Text
+
+        return Text(self.encoder.chat_head)
+
+    # --- Title blocks: one forward over all of them, reading the prefix's cache ----------------------
+    @torch.inference_mode()
+    def choose(self, history: list[Watched], titles: dict[str, list[str]], decided_at: int | None = None
+               ) -> dict[str, dict[str, float]]:
+        """For each title, the probability of each candidate artwork being the member's best choice.
+
+        ``history``: what the member watched (any order; only events before ``decided_at`` count,
+        default: after all of them). ``titles``: title id -> candidate artwork ids (1-8 each).
+        """
+        if not titles:
+            return {}
+        decided_at = decided_at if decided_at is not None else max([w.timestamp for w in history], default=0) + 1
+        _, prefix = self._prefix(history, decided_at)
+        p = len(prefix.segment.ids)
+        ids, segments, positions, arts, reads, tokens = [], [], [], [], [], []
+        for j, (title_id, candidates) in enumerate(titles.items(), start=1):
+            if title_id not in self.builder.titles:
+                raise UserError(f"title {title_id!r} is not in the catalog's titles table")
+            ex = Example(f"serve|{title_id}", _MEMBER, title_id, "serve", decided_at, list(candidates))
+            d = self.encoder.decision(ex)
+            start = len(ids)
+            ids += d.block.ids
+            segments += [j] * len(d.block.ids)
+            positions += range(p, p + len(d.block.ids))
+            arts += d.block.artworks
+            reads.append([start + r for r in d.block.reads])
+            tokens.append(d.read_ids)
+        dev = self._device()
+        k = max(len(t) for t in tokens)
+        batch = {"segment_ids": torch.tensor([segments], device=dev)}
+        mask = attention_inputs(self.model, batch, prefix_length=p)
+        token_ids = torch.tensor([sum((t + [-1] * (k - len(t)) for t in tokens), [])], device=dev)
+        read_at = torch.tensor([sum((r + [r[-1]] * (k - len(r)) for r in reads), [])], device=dev)
+        cache = prefix.cache
+        try:
+            with self._autocast():
+                logp = read_log_probs(self.model, torch.tensor([ids], device=dev), mask, self._rows([arts]), token_ids,
+                                      read_at, torch.tensor([positions], device=dev), cache=cache)
+        finally:
+            cache.crop(-(cache.get_seq_length() - p)) if cache.get_seq_length() > p else None  # keep the prefix only
+        self.stats["block_forwards"] += 1
+        scores = self.builder.readout.candidate_scores(logp.view(len(titles), k)).float()
+        probs = torch.softmax(scores, dim=-1).cpu().numpy()
+        return {t: dict(zip(c, np.asarray(probs[i, : len(c)], dtype=float).tolist()))
+                for i, (t, c) in enumerate(titles.items())}
+
+    # --- helpers -----------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _rows(self, artwork_lists: list[list[str]]) -> torch.Tensor | None:
+        if self.cache is None:
+            return None
+        from mmart.model.batching import pad_artwork_ids
+
+        return pad_artwork_ids([self.cache.rows(a).tolist() if a else [] for a in artwork_lists]).to(self._device())
+
+    def _autocast(self):
+        return torch.autocast(self._device().type, dtype=torch.bfloat16, enabled=self.bf16)

@@ -176,8 +176,8 @@ TRAINER_NAMES: dict[str, str] = {
     "save_steps": "save_steps",
     "logging_steps": "logging_steps",
     "weight_decay": "weight_decay",
-    "gradient_checkpointing": "gradient_checkpointing",
     "activation_checkpointing": "gradient_checkpointing",  # transformers 5's name
+    "gradient_checkpointing": "gradient_checkpointing",  # its deprecated alias
     "bf16": "bf16",
     "beta": "beta",
     "loss_type": "loss_type",
@@ -226,6 +226,12 @@ def check_extra(extra: dict, config_cls: type, mmart_sets: dict[str, str], where
             raise ConfigError(f"{where}: keys must be {config_cls.__name__} field names, got {key!r}")
         if key in mmart_sets:
             raise ConfigError(f"{where}.{key}: mmart sets {config_cls.__name__}.{key} itself; {mmart_sets[key]}")
+        # An alias of a field mmart sets (gradient_checkpointing for activation_checkpointing) would
+        # override it inside the trainer's config.
+        alias = next((k for k in mmart_sets if key in TRAINER_NAMES and TRAINER_NAMES.get(k) == TRAINER_NAMES[key]), None)
+        if alias:
+            raise ConfigError(f"{where}.{key}: mmart sets {config_cls.__name__}.{alias} (the same setting) itself; "
+                              f"{mmart_sets[alias]}")
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = ""

@@ -33,6 +33,10 @@ def test_a_field_mmart_sets_names_the_mmart_key(tmp_path):
         check_extra({"per_device_train_batch_size": 4}, SFTConfig, sets, "sft.extra")
     with pytest.raises(ConfigError, match=r"sft\.extra\.save_total_limit: .*remove it from sft\.extra \(fixed by mmart\)"):
         check_extra({"save_total_limit": 5}, SFTConfig, sets, "sft.extra")
+    # The deprecated alias of a field mmart sets would override it inside the trainer's config.
+    with pytest.raises(ConfigError, match=r"sft\.extra\.gradient_checkpointing: mmart sets SFTConfig\.activation_checkpointing "
+                                          r"\(the same setting\) itself; use sft\.gradient_checkpointing instead"):
+        check_extra({"gradient_checkpointing": True}, SFTConfig, sets, "sft.extra")
 
 
 def test_dpo_knobs_map_to_the_dpo_section(tmp_path):

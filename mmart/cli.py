@@ -15,12 +15,12 @@ import sys
 
 # Stage modules in pipeline order; each adds its subcommand(s).
 STAGE_MODULES = (
-    "mmart.config_cli",  # config (print a resolved config; used by scripts/train.sh)
     "mmart.data.cli",  # world, validate
     "mmart.vision.cli",  # vision, cache
-    "mmart.train.cli",  # sft, dpo, predict
+    "mmart.train.cli",  # init, sft, dpo, export, predict
     "mmart.eval.cli",  # eval
-    "mmart.review.cli",
+    "mmart.review.cli",  # review
+    "mmart.config_cli",  # config (print or explain a config; used by scripts/train.sh)
 )
 
 
@@ -39,9 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmart",
         description=(
-            "Post-train a multimodal LLM to choose, for each member and title, the artwork "
-            "the member is most likely to play. Stages, in pipeline order: world -> validate -> "
-            "cache -> sft -> dpo -> predict -> eval -> review. `bash scripts/train.sh` runs them all."
+            "Post-train a multimodal LLM to choose, for each member and title, the artwork the member\n"
+            "is most likely to play.\n\n"
+            "Stages, in pipeline order:\n"
+            "  world -> validate -> vision adapt -> cache build -> init -> sft -> dpo -> predict -> eval -> review\n"
+            "plus export (a standalone merged model) and config (print a resolved config; --fields lists\n"
+            "every setting with its help). `bash scripts/train.sh` runs the pipeline; `mmart <stage> --help`\n"
+            "explains a stage."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -57,6 +57,11 @@ class PromptConfig:
     names: bool = field(default=True, metadata={
         "help": "Include title names; off shortens prompts ~2x (the demo world's names only restate genres)."})
 
+    def __post_init__(self) -> None:
+        from mmart.config_checks import at_least
+
+        at_least(self, 0, "max_history", "history_token_budget", "history_summary_top", "shuffle_seed")
+
 
 @dataclass
 class Example:

@@ -14,7 +14,7 @@ REDO=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --redo) REDO="$2"; shift 2 ;;
-    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR == 1 { next } !/^#/ { exit } { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;   # the opening comment
     *) CONFIG="$1"; shift ;;
   esac
 done

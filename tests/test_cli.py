@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +34,70 @@ def test_config_error_is_a_message_not_a_traceback(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 1
     assert "did you mean 'num_titles'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_names_every_stage_in_its_pipeline_line_and_lists_each_with_a_help_line(capsys):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "stage")
+    names = list(sub.choices)
+    assert {"init", "vision", "cache", "export", "config"} <= set(names)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    listing = out.split("positional arguments:")[1]
+    for action in sub._choices_actions:
+        assert action.help, f"mmart {action.dest} needs a help line"
+        assert f"    {action.dest} " in listing
+        assert action.dest in parser.description
+    assert names.index("world") < names.index("cache") < names.index("sft") < names.index("eval")
+
+
+def test_cache_probe_help_prints_a_single_percent_sign(capsys):
+    with pytest.raises(SystemExit):
+        main(["cache", "probe", "--help"])
+    out = capsys.readouterr().out
+    assert "seeded 70% of" in out and "%%" not in out
+
+
+def test_train_sh_help_prints_the_usage_only():
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run(["bash", str(root / "scripts" / "train.sh"), "--help"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stderr == ""
+    assert r.stdout.startswith("The whole mmart pipeline") and "Run as:" in r.stdout
+    assert "set -euo" not in r.stdout and "#" not in r.stdout
+
+
+def test_eval_refuses_a_negative_bootstrap_count(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--data", "d", "--pred", "m=p.parquet", "--out", "o", "--n-boot", "-1"])
+    assert e.value.code == 2
+    assert "argument --n-boot: must be >= 1, got -1" in capsys.readouterr().err
+
+
+def test_a_misspelt_config_is_one_line_with_a_suggestion(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["config", "configs/defualt.yaml"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("mmart config: error: config 'configs/defualt.yaml' not found")
+    assert err.endswith("did you mean 'configs/default.yaml'?")
+
+
+def test_stages_find_the_shipped_configs_from_another_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["config", "configs/smoke.yaml", "--get", "output_dir"]) == 0
+    assert capsys.readouterr().out.strip() == "outputs/smoke"
+
+
+def test_config_fields_prints_a_section(capsys):
+    assert main(["config", "--fields", "sft"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("[sft] SFTStageConfig: Supervised fine-tuning.")
+    assert "  sft.batch_size: int = 8  [TrainingArguments: per_device_train_batch_size]" in out
+
+
+def test_sft_with_negative_epochs_fails_before_training(tmp_path, capsys):
+    # Today's main saved an untrained model and exited 0.
+    rc = main(["sft", "--config", "configs/smoke.yaml", "--set", "sft.epochs=-1", f"output_dir={tmp_path / 'o'}"])
+    assert rc == 1
+    assert capsys.readouterr().err.strip() == "mmart sft: error: --set: sft.epochs must be > 0, got -1.0"
+    assert not (tmp_path / "o").exists()

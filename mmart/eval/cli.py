@@ -21,9 +21,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="scored models from `mmart predict`, e.g. model=outputs/default/preds.parquet")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--split", default="test")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--n-boot", type=_at_least_one, default=1000, help="bootstrap resamples (>= 1; default 1000)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run)
+
+
+def _at_least_one(text: str) -> int:
+    """--n-boot: a positive integer (numpy failed on a negative count deep in the bootstrap)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
+
+from mmart.config_checks import FieldError, at_least, not_empty, positive, seeds, within
 
 
 BF16_HELP = ("bf16 mixed precision (autocast; master weights in model.dtype). auto = on where bf16 is native: a GPU "
@@ -39,6 +44,13 @@ class ModelConfig:
         "help": "Stage 0: fit the projector so each artwork lands near the LLM embedding of its tags (or caption); "
                 "with projector_tokens E > 1 the words are split into E consecutive groups, one per slot."})
     projector_init_steps: int = field(default=300, metadata={"help": "Full-batch Adam steps of that fit (seconds)."})
+
+    def __post_init__(self) -> None:
+        not_empty(self, "base_model", "lora_target")
+        at_least(self, 1, "projector_tokens", "lora_r", "lora_alpha")
+        within(self, "lora_dropout", 0, 1, hi_open=True)
+        at_least(self, 0, "projector_init_steps")
+        seeds(self, "seed")
 
 
 @dataclass
@@ -79,6 +91,16 @@ class SFTStageConfig:
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Any other trl.SFTConfig field."})
 
+    def __post_init__(self) -> None:
+        _check_stage(self)
+        # Weights are min(1/propensity, clip) with propensities in (0, 1]: a clip below 1 makes every
+        # weight equal, a uniform draw in disguise (a negative one was silently accepted as such).
+        if self.propensity_clip is not None and not self.propensity_clip >= 1:
+            raise FieldError("propensity_clip", self.propensity_clip, ">= 1 (or null for a uniform draw)")
+        within(self, "teacher_weight", 0, 1)
+        positive(self, "teacher_temperature")
+        at_least(self, 0, "weight_decay")
+
 
 @dataclass
 class DPOStageConfig:
@@ -103,6 +125,12 @@ class DPOStageConfig:
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Any other TrainingArguments / DPOConfig field."})
 
+    def __post_init__(self) -> None:
+        _check_stage(self)
+        positive(self, "beta")
+        not_empty(self, "loss_type")
+        within(self, "label_smoothing", 0, 0.5, hi_open=True)  # robust DPO divides by 1 - 2 * smoothing
+
 
 @dataclass
 class EvalConfig:
@@ -119,3 +147,111 @@ class EvalConfig:
         "help": "Score under bf16 autocast: " + BF16_HELP + " Probabilities move by ~1e-2 under bf16, so compare "
                 "models scored the same way."})
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        from mmart.config_checks import one_of
+        from mmart.data.contract import SPLITS
+
+        one_of(self, "split", SPLITS)
+        at_least(self, 1, "batch_size", "n_boot")
+        at_least(self, 0, "max_pairs")
+        seeds(self, "seed")
+
+
+def _check_stage(cfg: "SFTStageConfig | DPOStageConfig") -> None:
+    """What SFT and DPO share: sizes, rates and a warmup that transformers reads as a ratio."""
+    at_least(cfg, 0, "max_examples")
+    positive(cfg, "epochs")
+    at_least(cfg, 1, "batch_size", "grad_accum", "save_steps", "logging_steps")
+    at_least(cfg, 0, "lr", "projector_lr")
+    if cfg.lr == 0 and cfg.projector_lr == 0:
+        raise FieldError("lr", cfg.lr, "> 0 when projector_lr is 0 (else nothing trains)")
+    # Passed as TrainingArguments.warmup_steps, which reads a value below 1 as a ratio and 1+ as steps.
+    within(cfg, "warmup_ratio", 0, 1, hi_open=True)
+    seeds(cfg, "seed")
+    bad = [k for k in cfg.extra if not isinstance(k, str)]
+    if bad:
+        raise FieldError("extra", cfg.extra, f"a mapping of field names (strings), not {bad[0]!r}")
+
+
+# --- Trainer names: what TrainingArguments / TRL call the stage fields. ---
+
+# TrainingArguments (or TRL config) field -> the SFT/DPO stage field mmart passes to it. Shown by
+# `mmart config --fields sft`, suggested when a config uses the trainer's name (sft.learning_rate),
+# and the basis of ``trainer_settings`` (what ``extra`` may not set again).
+TRAINER_NAMES: dict[str, str] = {
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "num_train_epochs": "epochs",
+    "warmup_steps": "warmup_ratio",  # transformers 5 reads warmup_steps < 1 as a ratio
+    "warmup_ratio": "warmup_ratio",  # transformers 4's name
+    "seed": "seed",
+    "data_seed": "seed",
+    "save_steps": "save_steps",
+    "logging_steps": "logging_steps",
+    "weight_decay": "weight_decay",
+    "activation_checkpointing": "gradient_checkpointing",  # transformers 5's name
+    "gradient_checkpointing": "gradient_checkpointing",  # its deprecated alias
+    "bf16": "bf16",
+    "beta": "beta",
+    "loss_type": "loss_type",
+    "label_smoothing": "label_smoothing",
+}
+# Trainer names that belong to TRL's DPOConfig rather than TrainingArguments (for display).
+DPO_TRAINER_NAMES = frozenset({"beta", "loss_type", "label_smoothing"})
+
+
+def trainer_name(stage_field: str) -> str | None:
+    """The TrainingArguments/DPOConfig name of a stage field (``lr`` -> ``learning_rate``), if it has one."""
+    return next((theirs for theirs, ours in TRAINER_NAMES.items() if ours == stage_field), None)
+
+
+def trainer_settings(section: str, trainer_kwargs: Iterable[str]) -> dict[str, str]:
+    """For ``check_extra``: each trainer field mmart passes itself, with what to set instead.
+
+    ``section`` is ``"sft"`` or ``"dpo"``; ``trainer_kwargs`` the keyword names mmart passes to the
+    trainer's config class (e.g. ``common_args(...).keys()`` plus the stage's own).
+    """
+    stage_cls = {"sft": SFTStageConfig, "dpo": DPOStageConfig}[section]
+    own = {f.name for f in dataclasses.fields(stage_cls)}
+    out = {}
+    for k in trainer_kwargs:
+        ours = TRAINER_NAMES.get(k)
+        out[k] = f"use {section}.{ours} instead" if ours in own else f"remove it from {section}.extra (fixed by mmart)"
+    return out
+
+
+def check_extra(extra: dict, config_cls: type, mmart_sets: dict[str, str], where: str = "extra") -> None:
+    """Refuse, with one line, an ``extra`` key the trainer's config class would choke on.
+
+    ``extra`` (sft.extra / dpo.extra) passes fields of ``config_cls`` (SFTConfig, DPOConfig, a
+    TrainingArguments subclass) that mmart does not set. ``mmart_sets`` maps each field mmart
+    already sets to what to do instead, e.g. ``{"learning_rate": "use sft.lr instead"}``
+    (``trainer_settings`` builds it); ``where``
+    names the config key in the message (``"sft.extra"``). Raises ConfigError for a key that is
+    not a field of ``config_cls`` (with the nearest field) or one mmart sets (naming the mmart key):
+    passed through, they were a TypeError inside the trainer ("got multiple values for keyword").
+    """
+    from mmart.config import ConfigError
+
+    fields = [f.name for f in dataclasses.fields(config_cls) if f.init]
+    for key in extra:
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: keys must be {config_cls.__name__} field names, got {key!r}")
+        if key in mmart_sets:
+            raise ConfigError(f"{where}.{key}: mmart sets {config_cls.__name__}.{key} itself; {mmart_sets[key]}")
+        # An alias of a field mmart sets (gradient_checkpointing for activation_checkpointing) would
+        # override it inside the trainer's config.
+        alias = next((k for k in mmart_sets if key in TRAINER_NAMES and TRAINER_NAMES.get(k) == TRAINER_NAMES[key]), None)
+        if alias:
+            raise ConfigError(f"{where}.{key}: mmart sets {config_cls.__name__}.{alias} (the same setting) itself; "
+                              f"{mmart_sets[alias]}")
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = ""
+            if close:
+                hint = f"; did you mean {close[0]!r}?"
+                if close[0] in mmart_sets:
+                    hint += f" (mmart sets that one: {mmart_sets[close[0]]})"
+            raise ConfigError(f"{where}.{key}: not a field of {config_cls.__name__}{hint}")

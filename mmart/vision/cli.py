@@ -80,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = csub.add_parser(
         "probe", help="linear probe: predict tags (theme, shot) from cached vectors, 70/30 split",
-        description="Fit a logistic regression on a seeded 70%% of the cached artworks and report accuracy on the rest, "
+        description="Fit a logistic regression on a seeded 70% of the cached artworks and report accuracy on the rest, "
                     "per tag family. Bars for the default world: theme >= 0.90, shot >= 0.85. "
                     "Example: mmart cache probe outputs/default/cache --data data/world")
     p.add_argument("dir", nargs="?", default=None, help="cache folder (default: from the config)")

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from mmart.config_checks import FieldError, at_least, length, not_empty, one_of, positive, seeds
+
 DEFAULT_MODEL = "mmart-tiny-vit"
 DEFAULT_CHECKPOINT = "outputs/vision/mmart-tiny-vit-adapted.safetensors"
 
@@ -29,6 +31,13 @@ class AdaptConfig:
     seed: int = field(default=0, metadata={"help": "Seeds initialisation, batch order and augmentation: same seed, same weights."})
     text: Literal["caption+tags", "caption", "tags"] = field(
         default="caption+tags", metadata={"help": "What the text tower reads for each artwork."})
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "steps")
+        at_least(self, 2, "batch_size")  # ClipLoss contrasts each pair with the others in its batch
+        positive(self, "lr")
+        at_least(self, 0, "warmup_steps", "weight_decay")
+        seeds(self, "seed")
 
 
 @dataclass
@@ -56,6 +65,14 @@ class VisionConfig:
     adapt: AdaptConfig = field(default_factory=AdaptConfig, metadata={"help": "`mmart vision adapt` settings."})
 
     def __post_init__(self) -> None:
+        not_empty(self, "model")
+        seeds(self, "init_seed")
+        one_of(self, "image_resize_mode", ("shortest", "longest", "squash"))
+        one_of(self, "image_interpolation", ("bicubic", "bilinear"))
+        length(self, "image_mean", 3, "one per RGB channel")
+        length(self, "image_std", 3, "one per RGB channel")
+        if self.image_std is not None and min(self.image_std) <= 0:
+            raise FieldError("image_std", self.image_std, "3 numbers > 0 (normalisation divides by them)")
         if self.pretrained and self.checkpoint:
             raise ValueError("set either pretrained (an open_clip tag) or checkpoint (a local file), not both; "
                              "set the other to null")
@@ -93,8 +110,6 @@ class CacheConfig:
         t = self.tokens_per_artwork
         if t < 1 or round(t ** 0.5) ** 2 != t:
             raise ValueError(f"tokens_per_artwork must be 1 or a square (4 = 2x2, 9 = 3x3, ...), got {t}")
-        for name in ("batch_size", "shard_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_workers < -1 or self.cpu_threads < 0:
-            raise ValueError(f"num_workers must be >= -1 and cpu_threads >= 0, got {self.num_workers}, {self.cpu_threads}")
+        at_least(self, 1, "batch_size", "shard_size")
+        at_least(self, -1, "num_workers")
+        at_least(self, 0, "cpu_threads")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mmart.config_checks import at_least, length, positive, probability, seeds, within
+
 ALL_THEMES = ("romance", "action", "comedy", "horror", "family", "sci-fi", "drama", "documentary")
 
 
@@ -61,6 +63,16 @@ class WorldConfig:
         if not 0 < self.propensity_floor * self.artworks_per_title <= 1:
             raise ValueError(f"propensity_floor * artworks_per_title must be in (0, 1], got "
                              f"{self.propensity_floor} * {self.artworks_per_title}")
+        seeds(self, "seed")
+        at_least(self, 1, "num_titles", "num_members", "max_impressions_per_pair")
+        at_least(self, 32, "image_width", "image_height")  # the renderer places motifs 12 px in and a 26 px title band
+        positive(self, "theme_concentration", "production_temperature")
+        at_least(self, 0, "style_pref_std", "noise_std")
+        probability(self, "history_artwork_known", "continue_prob", "random_slice_fraction")
+        length(self, "style_weights", 3, "shot, tone, title size")
+        length(self, "production_style_prior", 3, "shot, tone, title size")
+        within(self, "val_fraction", 0, 1, hi_open=True)
+        within(self, "test_fraction", 0, 1, lo_open=True, hi_open=True)  # the report evaluates on test
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must leave room for train")
         for name in ("history_length", "pairs_per_member"):

@@ -21,6 +21,7 @@ STAGE_MODULES = (
     "mmart.train.cli",  # sft, dpo, predict
     "mmart.eval.cli",  # eval
     "mmart.review.cli",
+    "mmart.plan",  # plan (parameters and memory per GPU of a config, on the meta device)
 )
 
 

@@ -581,10 +581,10 @@ def format_plan(plan: Plan) -> str:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "plan", help="parameters and memory per GPU of SFT, DPO and predict, without loading the model",
-        description=("Build the chooser of a pipeline config on the meta device (no weights loaded or downloaded), "
-                     "count its parameters, and estimate the memory per rank of SFT, DPO and predict under an "
-                     "accelerate config on N GPUs. Exits 1, naming the stages, when a stage does not fit.\n\n"
-                     + FORMULA),
+        description=("Build the chooser of a pipeline config on the meta device (no weights loaded or\n"
+                     "downloaded), count its parameters, and estimate the memory per rank of SFT, DPO and\n"
+                     "predict under an accelerate config on N GPUs. Exits 1, naming the stages, when a\n"
+                     "stage does not fit in --gpu-memory.\n\n" + FORMULA),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", default="configs/default.yaml", help="pipeline config YAML")

@@ -22,6 +22,7 @@ def bench():
     sys.modules.pop("bench_gpu", None)
 
 
+@pytest.mark.slow
 def test_tiny_run_measures_every_section(bench, tmp_path):
     out = tmp_path / "gpu.json"
     rc = bench.main(["--tiny", "--device", "cpu", "--steps", "1", "--peak-tflops", "1", "--out", str(out)])

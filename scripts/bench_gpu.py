@@ -185,6 +185,24 @@ def encode_tensors(tower, pixels: torch.Tensor, tokens_per_artwork: int) -> torc
         return encode_images(tower.model, pixels, tokens_per_artwork)
 
 
+def non_embedding_params(model) -> int:
+    """N: the LLM's own parameters outside the embeddings and the LM head (no LoRA, no projector)."""
+    from mmart.model.chooser import PROJECTOR_ATTR
+
+    return sum(p.numel() for n, p in model.named_parameters()
+               if "lora_" not in n and PROJECTOR_ATTR not in n and "embed_tokens" not in n and "lm_head" not in n)
+
+
+def cache_dim(p: Preset) -> int:
+    from mmart.model.arch_table import known_tower
+    from mmart.vision.tower import MODEL_CONFIG_DIR
+
+    known = known_tower(p.tower)
+    if known:
+        return int(known["embed_dim"])
+    return int(json.loads((MODEL_CONFIG_DIR / f"{p.tower}.json").read_text())["embed_dim"])
+
+
 # ==== Timing, device, FLOPs ============================================================================
 
 
@@ -268,14 +286,6 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
 
     return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "peak_memory_kind": "process max RSS so far (CPU: cumulative over the run)"}
-
-
-def non_embedding_params(model) -> int:
-    """N: the LLM's own parameters outside the embeddings and the LM head (no LoRA, no projector)."""
-    from mmart.model.chooser import PROJECTOR_ATTR
-
-    return sum(p.numel() for n, p in model.named_parameters()
-               if "lora_" not in n and PROJECTOR_ATTR not in n and "embed_tokens" not in n and "lm_head" not in n)
 
 
 def step_flops(n_params: int, llm: dict[str, Any], tokens: int, seq_len: int, backward: bool,
@@ -397,16 +407,6 @@ def build_llm(p: Preset, device: torch.device, dtype: torch.dtype, checkpointing
     return LLMSetup(model, slot_id, pad_id=0, letters=letters, n_params=non_embedding_params(model),
                     trainable=sum(x.numel() for x in model.parameters() if x.requires_grad),
                     total=sum(x.numel() for x in model.parameters()), build_s=time.perf_counter() - start)
-
-
-def cache_dim(p: Preset) -> int:
-    from mmart.model.arch_table import known_tower
-    from mmart.vision.tower import MODEL_CONFIG_DIR
-
-    known = known_tower(p.tower)
-    if known:
-        return int(known["embed_dim"])
-    return int(json.loads((MODEL_CONFIG_DIR / f"{p.tower}.json").read_text())["embed_dim"])
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -631,16 +631,16 @@ def table(r: dict[str, Any]) -> str:
              f"({d['peak_source']})",
              f"{'what':<52}{'A':>14}{'B':>14}{'A/B':>8}"]
 
-    def row(what: str, a: float | None, b: float | None = None, fmt: str = ".1f") -> None:
+    def row(what: str, a: float | None, b: float | None = None, fmt: str = ".1f", ratio: bool = True) -> None:
         cells = [f"{v:>14{fmt}}" if v is not None else f"{'-':>14}" for v in (a, b)]
-        ratio = f"{a / b:>8.2f}" if a is not None and b else f"{'':>8}"
-        lines.append(f"{what:<52}{cells[0]}{cells[1]}{ratio}")
+        last = f"{a / b:>8.2f}" if ratio and a is not None and b else f"{'':>8}"
+        lines.append(f"{what:<52}{cells[0]}{cells[1]}{last}")
 
     if "sft" in r:
         s = r["sft"]
         row(f"SFT tokens/s (batch {s['batch']} x {s['prompt_tokens']} tokens)", s["tokens_per_s"])
         row("SFT model TFLOP/s achieved", s["achieved_tflops"])
-        row("SFT MFU (A) / with recompute, HFU (B)", s["mfu"], s["hfu"], ".3f")
+        row("SFT MFU (A) / with recompute, HFU (B)", s["mfu"], s["hfu"], ".3f", ratio=False)
         row("SFT peak memory GiB", s["peak_memory_bytes"] / 2**30, None, ".2f")
     if "dpo" in r and "pairs_per_s" in r["dpo"].get("fast", {}):
         row("DPO pairs/s: fast (A) vs TRL-equivalent pairs (B)", r["dpo"]["fast"]["pairs_per_s"],

@@ -20,6 +20,7 @@ STAGE_MODULES = (
     "mmart.train.cli",  # init, sft, dpo, export, predict
     "mmart.eval.cli",  # eval
     "mmart.review.cli",  # review
+    "mmart.plan",  # plan (parameters and memory per GPU of a config, on the meta device)
     "mmart.config_cli",  # config (print or explain a config; used by scripts/train.sh)
 )
 
@@ -43,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
             "is most likely to play.\n\n"
             "Stages, in pipeline order:\n"
             "  world -> validate -> vision adapt -> cache build -> init -> sft -> dpo -> predict -> eval -> review\n"
-            "plus export (a standalone merged model) and config (print a resolved config; --fields lists\n"
-            "every setting with its help). `bash scripts/train.sh` runs the pipeline; `mmart <stage> --help`\n"
+            "plus export (a standalone merged model), plan (parameters and memory per GPU, without loading\n"
+            "the model) and config (print a resolved config; --fields lists every setting with its help). `bash scripts/train.sh` runs the pipeline; `mmart <stage> --help`\n"
             "explains a stage."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,

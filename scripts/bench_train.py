@@ -40,6 +40,11 @@ def rows_for(inputs, model, tok, examples, pack_titles: int = 1):
     return decision_rows(encoder_for(inputs, model, tok), examples, cache_rows(inputs.cache), pack_titles)
 
 
+def ran_on(model) -> str:
+    """The device a benchmark's model computed on (not whether a GPU exists: build_model leaves it on the CPU)."""
+    return next(model.parameters()).device.type
+
+
 def peak_rss_mb() -> float:
     import resource
 
@@ -74,7 +79,8 @@ def bench_dpo(cfg, inputs, n: int, tmp: Path) -> dict:
         start = time.perf_counter()
         trainer.train()
         secs = time.perf_counter() - start
-        out[method] = {"examples": len(rows), "seconds": secs, "examples_per_s": len(rows) / secs}
+        out[method] = {"examples": len(rows), "seconds": secs, "examples_per_s": len(rows) / secs,
+                       "device": ran_on(trainer.model)}
         if method == "fast":
             out[method]["pairs"] = pairs
     out["speedup"] = out["fast"]["examples_per_s"] / out["trl"]["examples_per_s"]
@@ -110,6 +116,7 @@ def bench_choosing(cfg, inputs, n: int, repeats: int) -> dict:
             start = time.perf_counter(); fn(); times.append(time.perf_counter() - start)
         out[name] = {"seconds": statistics.median(times), "pairs_per_s": n / statistics.median(times)}
     out["k"] = k
+    out["device"] = ran_on(model)
     out["speedup_vs_k_forwards"] = out["k_forwards"]["seconds"] / out["one_forward"]["seconds"]
     out["speedup_vs_generate"] = out["generate"]["seconds"] / out["one_forward"]["seconds"]
     return out
@@ -154,6 +161,7 @@ def bench_step(cfg, inputs, n: int, repeats: int) -> dict:
             start = time.perf_counter(); step(flag); times.append(time.perf_counter() - start)
         out[name] = {"seconds": statistics.median(times), "examples_per_s": n / statistics.median(times),
                      "artworks_encoded_per_step": len(used) if flag else 0}
+    out["device"] = ran_on(model)
     out["peak_rss_mb_process"] = peak_rss_mb()
     out["note"] = ("peak memory is the whole process's (both variants ran in it); on a GPU compare "
                    "torch.cuda.max_memory_allocated per variant")
@@ -182,6 +190,7 @@ def bench_precision(cfg, inputs, n: int, repeats: int) -> dict:
             start = time.perf_counter(); step(flag); times.append(time.perf_counter() - start)
         out[name] = {"seconds": statistics.median(times), "examples_per_s": n / statistics.median(times)}
     out["speedup"] = out["bf16"]["examples_per_s"] / out["fp32"]["examples_per_s"]
+    out["device"] = ran_on(model)
     return out
 
 
@@ -201,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = replace(cfg, prompt=replace(cfg.prompt, answer="letter"))
     inputs = load_inputs(cfg)
     tmp = Path(args.out).parent / "tmp"
-    results = {"config": args.config, "examples": args.examples, "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    results = {"config": args.config, "examples": args.examples}
     if "dpo" in args.only:
         results["dpo"] = bench_dpo(cfg, inputs, args.examples, tmp)
     if "choosing" in args.only:
@@ -210,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         results["step"] = bench_step(cfg, inputs, min(args.examples, 8), args.repeats)
     if "precision" in args.only:
         results["precision"] = bench_precision(cfg, inputs, min(args.examples, 8), args.repeats)
+    # Where the measured models ran (each section records it), not whether the machine has a GPU.
+    ran = {part.get("device") or part.get("fast", {}).get("device")
+           for part in results.values() if isinstance(part, dict)}
+    results["device"] = ", ".join(sorted(d for d in ran if d)) or "none"
+    print(f"device: {results['device']}")
     print(f"{'what':<44}{'A':>14}{'B':>14}{'ratio':>10}")
     if "dpo" in results:
         d = results["dpo"]

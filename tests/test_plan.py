@@ -1,0 +1,137 @@
+"""``mmart plan``: parameter counts and memory per rank against hand-computed numbers (meta device: seconds)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mmart.cli import main
+from mmart.config import CONFIG_ROOT, PipelineConfig, load_config
+from mmart.model.testing import tiny_tokenizer
+from mmart.plan import GIB, make_plan, model_info, read_launch
+
+ACCEL = CONFIG_ROOT / "accelerate"
+
+# Llama 3.1 8B by hand: 4096 hidden, 14336 MLP, 1024 key/value width, 32 layers, 128256 tokens + the slot row.
+H, I, KV, LAYERS, V = 4096, 14336, 1024, 32, 128256 + 1
+LLAMA_8B_PUBLISHED = 8_030_261_248  # the model card's count
+LLM_8B = LLAMA_8B_PUBLISHED + 2 * H  # the slot token's row in the (untied) embeddings and LM head
+LORA_8B = LAYERS * 16 * ((H + H) + 2 * (H + KV) + (H + H) + 2 * (H + I) + (I + H))  # q, k, v, o, gate, up, down
+PROJ_8B = 2 * 768 + (768 * H + H) + (H * H + H) + H  # LayerNorm(768), Linear(768, H), Linear(H, H), RMSNorm(H)
+TRAIN_8B = LORA_8B + PROJ_8B
+# One decoder layer's bytes: q, o (H x H), k, v (H x KV), gate, up, down (H x I), 2 norms in bf16; its LoRA in fp32.
+LAYER_8B = (2 * H * H + 2 * H * KV + 3 * H * I + 2 * H) * 2 + (LORA_8B // LAYERS) * 4
+
+
+@pytest.fixture(scope="module")
+def cfg_8b() -> PipelineConfig:
+    # data_dir that does not exist: the cache size then comes from the world config (2000 titles x 4).
+    return load_config(PipelineConfig, CONFIG_ROOT / "llama31_8b.yaml", ["data_dir=/nonexistent/plan-test"])
+
+
+@pytest.fixture(scope="module")
+def info_8b(cfg_8b):
+    return model_info(cfg_8b)
+
+
+def test_8b_parameter_counts(info_8b):
+    c = info_8b.counts
+    assert (c.llm, c.lora, c.projector) == (LLM_8B, LORA_8B, PROJ_8B)
+    assert LORA_8B == 41_943_040
+    assert c.total == LLM_8B + LORA_8B + 2 * PROJ_8B  # PEFT keeps the base projector beside the trained one
+    assert c.non_embedding == LLM_8B - 2 * V * H
+    assert (c.hidden, c.intermediate, c.kv_width, c.layers, c.vocab_rows) == (H, I, KV, LAYERS, V)
+
+
+def _act_ckpt(tokens: int, e: int = 2) -> int:
+    f = 9 * H + 2 * KV + 4 * I
+    return tokens * e * (LAYERS * H + 2 * f + 4 * H)
+
+
+def test_8b_fsdp_8_gpus_memory_by_hand(cfg_8b, info_8b):
+    plan = make_plan(cfg_8b, read_launch(ACCEL / "fsdp.yaml", 8), seq_len=650, info=info_8b)
+    sft, dpo, predict = plan.stages
+    weights = LLM_8B * 2 + LORA_8B * 4 + 2 * PROJ_8B * 4  # bf16 LLM; fp32 adapter and both projector copies
+    assert sft.terms["weights"] == math.ceil(weights / 8)
+    assert sft.terms["gradients"] == math.ceil(4 * TRAIN_8B / 8)
+    assert sft.terms["adamw"] == math.ceil(8 * TRAIN_8B / 8)
+    assert sft.terms["activations"] == _act_ckpt(16 * 650)  # sft.batch_size 16, checkpointing on, bf16
+    assert sft.terms["lm_head"] == 16 * 1 * V * (2 + 8) * 2  # letter answers: one read position
+    assert sft.terms["cache"] == 2000 * 4 * 4 * 768 * 2  # artworks x tokens_per_artwork x width x fp16
+    root = 2 * V * H * 2 + H * 2 + 2 * PROJ_8B * 4  # embeddings + LM head + final norm + projector copies
+    assert sft.terms["gathered"] == root + 2 * LAYER_8B
+    assert dpo.terms["activations"] == _act_ckpt(16 * 650)
+    # predict: one process with the whole model, eval.batch_size 64, no gradients
+    assert predict.terms["weights"] == weights and predict.terms["adamw"] == 0
+    assert predict.terms["activations"] == 64 * 650 * 2 * (4 * H + 3 * I)
+    assert all(s.total <= 80 * GIB for s in plan.stages)
+
+
+def test_8b_sharding_per_accelerate_config(cfg_8b, info_8b):
+    plans = {name: make_plan(cfg_8b, read_launch(ACCEL / f"{name}.yaml", 8), seq_len=650, info=info_8b).stages[0]
+             for name in ("multi_gpu_ddp", "deepspeed_zero2", "deepspeed_zero3")}
+    ddp, z2, z3 = plans["multi_gpu_ddp"], plans["deepspeed_zero2"], plans["deepspeed_zero3"]
+    whole = LLM_8B * 2 + LORA_8B * 4 + 2 * PROJ_8B * 4
+    assert ddp.terms["weights"] == z2.terms["weights"] == whole  # replicated
+    assert ddp.terms["gradients"] == 2 * 4 * TRAIN_8B  # DDP's buckets: a second copy
+    assert z2.terms["gradients"] == math.ceil(4 * TRAIN_8B / 8) and z2.terms["adamw"] == TRAIN_8B
+    assert z3.terms["weights"] == math.ceil(whole / 8)
+    assert z3.terms["gathered"] == V * H * 2 + 2 * LAYER_8B  # the LM head (or embeddings) + 2 layers
+
+
+def test_8b_without_checkpointing_on_one_gpu_does_not_fit(cfg_8b, info_8b):
+    cfg = load_config(PipelineConfig, CONFIG_ROOT / "llama31_8b.yaml",
+                      ["data_dir=/nonexistent/plan-test", "sft.gradient_checkpointing=false", "sft.batch_size=32"])
+    sft = make_plan(cfg, read_launch(ACCEL / "single_gpu.yaml"), seq_len=650, info=info_8b).stages[0]
+    f = 9 * H + 2 * KV + 4 * I
+    assert sft.terms["activations"] == 32 * 650 * 2 * ((LAYERS + 1) * f + 4 * H)
+    assert sft.total > 80 * GIB
+
+
+def test_tiny_config_counts_and_fp32_activations(tmp_path):
+    cfg = load_config(PipelineConfig, CONFIG_ROOT / "smoke.yaml",
+                      [f"data_dir={tmp_path}/none", "sft.bf16=false", "dpo.bf16=false", "eval.bf16=false"])
+    plan = make_plan(cfg, read_launch(ACCEL / "cpu_2proc.yaml"), seq_len=100)
+    c = plan.counts
+    h, i, kv, vocab = 64, 128, 32, len(tiny_tokenizer(None)) + 1
+    layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    assert c.llm == vocab * h + 2 * layer + h  # tied embeddings: counted once
+    assert c.lora == 2 * 4 * ((h + h) + 2 * (h + kv) + (h + h) + 2 * (h + i) + (i + h))  # lora_r 4
+    assert c.projector == 2 * 128 + (128 * h + h) + (h * 2 * h + 2 * h) + h  # tiny ViT width 128, 2 slots
+    sft = plan.stages[0]
+    f = 9 * h + 2 * kv + 4 * i
+    assert sft.terms["activations"] == 4 * 100 * 4 * (3 * f + 4 * h)  # batch 4, fp32, no checkpointing
+    assert sft.terms["lm_head"] == 4 * 3 * vocab * (4 + 8) * 2  # per_candidate: K = 3 read positions
+    assert sft.terms["cache"] == 24 * 3 * 1 * 128 * 4  # tiny world: 24 titles x 3 artworks, fp32
+    assert sft.terms["gradients"] == 2 * 4 * sft.trainable  # cpu_2proc is DDP
+
+
+def test_local_folder_config_json(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=4, tie_word_embeddings=False).save_pretrained(tmp_path / "llm")
+    cfg = load_config(PipelineConfig, CONFIG_ROOT / "smoke.yaml", [f"model.base_model={tmp_path / 'llm'}"])
+    c = model_info(cfg).counts
+    assert c.vocab_rows == 101  # no tokenizer beside it: the slot token adds a row
+    assert c.llm == 2 * 101 * 32 + (4 * 32 * 32 + 3 * 32 * 64 + 2 * 32) + 32
+
+
+def test_cli_exits_nonzero_with_the_reason(capsys):
+    rc = main(["plan", "--config", str(CONFIG_ROOT / "smoke.yaml"), "--accelerate", str(ACCEL / "cpu_2proc.yaml"),
+               "--gpu-memory", "1"])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert "does not fit" in err and "SFT needs" in err and "1 GiB" in err
+    assert "fits in 1 GiB" in out
+    rc = main(["plan", "--config", str(CONFIG_ROOT / "smoke.yaml"), "--accelerate", str(ACCEL / "single_gpu.yaml"),
+               "--gpus", "8"])
+    assert rc == 1 and "runs one process" in capsys.readouterr().err
+
+
+def test_help_shows_the_formula(capsys):
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    out = capsys.readouterr().out
+    assert "F = 9h + 2h_kv + 4i" in out and "4 x trainable parameters" in out

@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def both(examples, pack):
         ds = [enc.decision(ex) for ex in examples]
-        return pack_decisions(ds, 1, rows_of), pack_decisions(ds, pack, rows_of)
+        labels = {"chosen": [0 if ex.answer is None else ex.answer for ex in examples],
+                  "weight": [1.0] * len(examples)}  # every decision labelled: the loss's every term runs
+        return pack_decisions(ds, 1, rows_of, labels), pack_decisions(ds, pack, rows_of, labels)
 
     if "sft" in args.only:
         model.train()

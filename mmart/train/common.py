@@ -116,6 +116,15 @@ def common_args(stage_cfg: Any, out_dir: Path, slots: bool = False, what: str = 
     )
 
 
+def trainer_config(config_cls: type, section: str, stage_cfg: Any, shared: dict[str, Any], **own: Any):
+    """``config_cls(**shared, **own, **stage_cfg.extra)``, after refusing with one line an ``extra`` key that
+    is not a field of ``config_cls`` or that mmart sets itself (``mmart.train.config.check_extra``)."""
+    from mmart.train.config import check_extra, trainer_settings
+
+    check_extra(stage_cfg.extra, config_cls, trainer_settings(section, [*shared, *own]), f"{section}.extra")
+    return config_cls(**shared, **own, **stage_cfg.extra)
+
+
 def freeze_projector_if_zero_lr(model: torch.nn.Module, projector_lr: float) -> bool:
     """``projector_lr`` 0: keep the projector exactly as stage 0 (or SFT) left it.
 

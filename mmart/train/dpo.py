@@ -33,6 +33,7 @@ from mmart.train.common import (
     load_inputs,
     save_curves,
     trainable_digest,
+    trainer_config,
 )
 from mmart.train.data import cache_rows, decision_rows, subsample
 from mmart.train.dpo_fast import (
@@ -90,8 +91,8 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
         print("[mmart dpo] projector frozen (dpo.projector_lr = 0)")
     shared = common_args(d, out, slots=cfg.prompt.artwork_input == "embeddings", what="dpo")
     if d.method == "fast":
-        args = FastDPOConfig(**shared, beta=d.beta, loss_type=d.loss_type,
-                             label_smoothing=d.label_smoothing, **d.extra)
+        args = trainer_config(FastDPOConfig, "dpo", d, shared, beta=d.beta, loss_type=d.loss_type,
+                              label_smoothing=d.label_smoothing)
         trainer = FastTrainer(model=model, args=args, train_dataset=rows,
                               data_collator=MultipleChoiceCollator(pad_token_id=tokenizer.pad_token_id))
         trainer.readout = inputs.builder.readout
@@ -99,8 +100,8 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
         from trl import DPOConfig
 
         pairs = Dataset.from_list(list(expand_to_pairs(rows.to_list())))
-        args = DPOConfig(**shared, beta=d.beta, loss_type=[d.loss_type], label_smoothing=d.label_smoothing,
-                         max_length=None, **d.extra)
+        args = trainer_config(DPOConfig, "dpo", d, shared, beta=d.beta, loss_type=[d.loss_type],
+                              label_smoothing=d.label_smoothing, max_length=None)
         trainer = TRLTrainer(model, args=args, train_dataset=pairs, processing_class=tokenizer)
     trainer.projector_lr = d.projector_lr
     resume = last_checkpoint(out)

@@ -35,6 +35,7 @@ from mmart.train.common import (
     load_inputs,
     save_curves,
     trainable_digest,
+    trainer_config,
 )
 from mmart.train.data import cache_rows, decision_rows, subsample
 
@@ -149,9 +150,8 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
     if freeze_projector_if_zero_lr(model, cfg.sft.projector_lr):
         print("[mmart sft] projector frozen (sft.projector_lr = 0): the slots keep their stage-0 word alignment")
     shared = common_args(cfg.sft, out, slots=cfg.prompt.artwork_input == "embeddings", what="sft")
-    args = SFTConfig(**shared, max_length=None, packing=False,
-                     dataset_kwargs={"skip_prepare_dataset": True}, weight_decay=cfg.sft.weight_decay,
-                     **cfg.sft.extra)
+    args = trainer_config(SFTConfig, "sft", cfg.sft, shared, max_length=None, packing=False,
+                          dataset_kwargs={"skip_prepare_dataset": True}, weight_decay=cfg.sft.weight_decay)
     trainer = ArtworkSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                                 data_collator=DecisionCollator(pad_token_id=tokenizer.pad_token_id),
                                 callbacks=callbacks)

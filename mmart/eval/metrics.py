@@ -77,12 +77,13 @@ def relative_to(es: EvalSet, probs: np.ndarray, base: np.ndarray, top: np.ndarra
     """
     if es.p_play is None:
         return {}
-    v, b = (probs * es.p_play).sum(1), (base * es.p_play).sum(1)
-    idx = np.arange(es.size) if rows is None else np.asarray(rows)
+    rows = np.arange(es.size) if rows is None else np.asarray(rows)
+    v, b = (probs * es.p_play).sum(1)[rows], (base * es.p_play).sum(1)[rows]
+    idx = np.arange(len(rows))  # the bootstrap hands the statistic positions in this array
     out = {"lift": bootstrap(lambda i: (v[i].mean() - b[i].mean()) / b[i].mean(), idx, n_boot, seed=seed).as_dict()}
     for key, ceiling in (("gap_closed", top), ("gap_closed_taste", taste_top)):
         if ceiling is not None:
-            t = (ceiling * es.p_play).sum(1)
+            t = (ceiling * es.p_play).sum(1)[rows]
             out[key] = bootstrap(lambda i: (v[i].mean() - b[i].mean()) / max(t[i].mean() - b[i].mean(), 1e-12),
                                  idx, n_boot, seed=seed).as_dict()
     return out
@@ -90,8 +91,8 @@ def relative_to(es: EvalSet, probs: np.ndarray, base: np.ndarray, top: np.ndarra
 
 def true_value(es: EvalSet, probs: np.ndarray, rows: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
     """The exact expected play rate over ``rows`` (demo world), with its bootstrap interval."""
-    v = (probs * es.p_play).sum(1)
-    return {**bootstrap(lambda i: v[i].mean(), rows, n_boot, seed=seed).as_dict(), "n": len(rows)}
+    v = (probs * es.p_play).sum(1)[rows]
+    return {**bootstrap(lambda i: v[i].mean(), np.arange(len(rows)), n_boot, seed=seed).as_dict(), "n": len(rows)}
 
 
 def per_pair_values(es: EvalSet, probs: np.ndarray, q_hat: np.ndarray | None) -> tuple[str, np.ndarray, np.ndarray]:

@@ -249,6 +249,9 @@ def generate_world(cfg: WorldConfig, out_dir: str | Path, progress: bool = True)
     summary["sizes"].update({"titles": cfg.num_titles, "artworks": len(art_rows), "members": cfg.num_members,
                              "history_events": int(kept.sum()), "new_titles": int(is_new.sum()),
                              "new_title_test_pairs": int(is_new[pair_title].sum())})
+    test = split == "test"
+    summary["test_policy_values"]["teacher"] = _teacher_value(
+        out, [user_ids[u] for u in pair_user[test]], [art_ids[t] for t in pair_title[test]], p_play[test])
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["config"] = to_dict(cfg)
     (out / "world_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -289,6 +292,15 @@ def _summary(cfg, p_play, p_taste, prod, split, uniform, pair_title, pair_i, sho
         "play_rate": float(played.mean()),
         "test_policy_values": values,
     }
+
+
+def _teacher_value(out: Path, users: list[str], candidates: list[list[str]], p_test: np.ndarray) -> float:
+    """True value of the default teacher's greedy choice on the test pairs: what SFT can distil from these logs."""
+    from mmart.data.contract import load_contract
+    from mmart.eval.teacher import DEFAULT_TEACHER, fit_teacher
+
+    q = fit_teacher(load_contract(out, check=False), DEFAULT_TEACHER).table(users, candidates, p_test.shape[1])
+    return float(p_test[np.arange(len(q)), q.argmax(1)].mean())
 
 
 def _contact_sheet(cfg: WorldConfig, catalog: sim.Catalog, specs: list[ArtworkSpec], out: Path) -> None:

@@ -69,7 +69,7 @@ def main() -> None:
         rows.append(row)
         print(f"{name}: done", flush=True)
 
-    pct = lambda e: f"{100 * e['value']:.0f}% [{100 * e['low']:.0f}, {100 * e['high']:.0f}]"  # noqa: E731
+    pct = lambda e, sign="": f"{100 * e['value']:{sign}.0f}% [{100 * e['low']:{sign}.0f}, {100 * e['high']:{sign}.0f}]"  # noqa: E731
     lines = ["| world | test pairs | production | taste oracle | oracle | "
              + " | ".join(f"teacher {k} (greedy)" for k in TEACHERS) + " | "
              + " | ".join(f"gap closed by {k} vs taste oracle" for k in TEACHERS)
@@ -80,7 +80,7 @@ def main() -> None:
         lines.append(f"| {r['world']} | {r['pairs']} | {r['production']:.3f} | {r['taste_oracle']:.3f} | {r['oracle']:.3f} | "
                      + " | ".join(f"{t[k]['value']:.3f}" for k in TEACHERS) + " | "
                      + " | ".join(pct(t[k]["gap_closed_taste"]) for k in TEACHERS)
-                     + f" | {pct(t['taste']['new_title_lift'])} ({r['new_title_pairs']} pairs) |")
+                     + f" | {pct(t['taste']['new_title_lift'], '+')} ({r['new_title_pairs']} pairs) |")
     table = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(table + "\n")

@@ -9,7 +9,9 @@
   tastes, and the history shows those tastes twice: the genres of the titles they watched (and
   how they rated them), and, for every event with a known artwork, which of that title's
   candidates they played it from. Each such event is itself a choice among candidates, so
-  the history is training data, tens of thousands of choices with no serving policy's bias.
+  the history is training data: tens of thousands of choices. (In the demo world the artwork
+  played from is drawn by the play model itself; on real logs it was the one the serving
+  policy showed, so these choices carry that policy's bias as well as the member's taste.)
 
   Features of a candidate (each an interaction of its tags with the member's profile):
   per tag family, how much more the member's past choices carried the candidate's tag than
@@ -29,7 +31,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import numpy as np
-import pandas as pd
 
 from mmart.data.contract import Contract
 from mmart.errors import UserError
@@ -285,14 +286,7 @@ def fit_taste_teacher(contract: Contract, split: str = "train", l2: float = 1e-4
 def fit_teacher(contract: Contract, kind: str = DEFAULT_TEACHER, split: str = "train"):
     """The teacher named ``kind`` (one of TEACHERS), fit on ``split``'s impressions and the members' histories."""
     if kind == "reward_model":
-        model = fit_reward_model(contract, split)
-        model.kind = kind
-        return model
+        return fit_reward_model(contract, split)
     if kind == "taste":
         return fit_taste_teacher(contract, split)
     raise UserError(f"unknown teacher {kind!r}; choose one of {', '.join(TEACHERS)}")
-
-
-def greedy_scores(teacher, pairs: pd.DataFrame, width: int) -> np.ndarray:
-    """``[P, width]`` the teacher's P(play) over each pair's candidates (``pairs``: user_id, candidates)."""
-    return teacher.table(list(pairs.user_id), list(pairs.candidates), width)

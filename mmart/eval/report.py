@@ -89,9 +89,16 @@ def resolve_config(config: str | Path | dict | None, preds: dict[str, str | Path
             return {}, None
     elif not path.is_file():
         raise UserError(f"--config {path}: no such file; give the run's pipeline.yaml (written by scripts/train.sh)")
-    from mmart.config import PipelineConfig, load_config, to_dict
+    import yaml
 
-    return to_dict(load_config(PipelineConfig, path)), str(path)
+    from mmart.config import PipelineConfig, from_dict, load_config, to_dict
+
+    data = yaml.safe_load(path.read_text())
+    if isinstance(data, dict) and "cache_dir" in data:  # `mmart config` output: resolved, plus derived paths
+        cfg = from_dict(PipelineConfig, {k: v for k, v in data.items() if k != "cache_dir"}, str(path))
+    else:  # a config as written by hand: resolve its includes
+        cfg = load_config(PipelineConfig, path)
+    return {**to_dict(cfg), "cache_dir": cfg.cache_dir}, str(path)
 
 
 def _teacher_kinds(teachers: list[str] | None, config: dict) -> list[str]:

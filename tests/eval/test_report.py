@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from mmart.cli import main
+from mmart.config import CONFIG_ROOT
 from mmart.errors import UserError
 from mmart.eval.report import evaluate, parse_diff
 
@@ -37,7 +38,9 @@ def run(tiny_world, tmp_path_factory):
     _preds(tiny_world, lambda g: 50 * g.p_taste).to_parquet(root / "preds" / "taste.parquet")
     _preds(tiny_world, lambda g: 50 * g.production_prob).to_parquet(root / "preds" / "prod-like.parquet")
     _preds(tiny_world, lambda g: rng.normal(size=len(g))).to_parquet(root / "preds" / "noise.parquet")
-    (root / "pipeline.yaml").write_text("output_dir: somewhere/else\nsft:\n  teacher: reward_model\n")
+    # As scripts/train.sh saves it: `mmart config` output, resolved, with the derived cache_dir.
+    (root / "pipeline.yaml").write_text("output_dir: somewhere/else\nsft:\n  teacher: reward_model\n"
+                                        "cache_dir: somewhere/else/cache\n")
     return root
 
 
@@ -99,6 +102,11 @@ def test_resolved_config_from_the_run_folder(report, run, tiny_world):
     assert report["config_source"] == str(run / "pipeline.yaml")
     assert report["config"]["output_dir"] == "somewhere/else"
     assert report["config"]["sft"]["teacher"] == "reward_model" and "lr" in report["config"]["sft"]  # resolved
+    assert report["config"]["cache_dir"] == "somewhere/else/cache"
+    # A config as written by hand (sections included from files) is resolved too.
+    by_hand = evaluate(tiny_world, {"taste": run / "preds" / "taste.parquet"}, run / "eval4", n_boot=20,
+                       config=CONFIG_ROOT / "smoke.yaml")
+    assert by_hand["config"]["world"]["num_titles"] == 24 and by_hand["config_source"].endswith("smoke.yaml")
     # Without --teacher, the teacher shown is the one the run's SFT distilled.
     again = evaluate(tiny_world, {"taste": run / "preds" / "taste.parquet"}, run / "eval2", n_boot=20)
     assert again["teachers"] == ["reward_model"] and "teacher" in again["policies"]

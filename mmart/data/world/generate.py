@@ -29,7 +29,8 @@ T0 = 1_600_000_000  # history starts here; impressions start HISTORY_DAYS later
 HISTORY_DAYS, IMPRESSION_DAYS = 300, 60
 STYLE_TAGS = (("close-up", "group"), ("bright", "dark"), ("large", "small"))
 
-NEW_TITLES_FILE = "new_titles.json"
+NEW_TITLES_FILE = "new_titles.json"  # beside the tables: the titles held out of every training decision
+NEW_TITLE_STREAM = 0x6E6577  # the held-out titles draw from their own stream: the main one stays as it was
 
 HISTORY_TYPE = pa.list_(pa.struct([("title_id", pa.string()), ("rating", pa.int64()),
                                    ("artwork_id", pa.string()), ("timestamp", pa.int64())]))
@@ -65,9 +66,6 @@ def _write(table: pa.Table, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, path)
-
-
-NEW_TITLE_STREAM = 0x6E6577  # the held-out titles draw from their own stream: the main one stays as it was
 
 
 def new_titles(cfg: WorldConfig) -> np.ndarray:

@@ -63,7 +63,8 @@ def main() -> None:
             seconds = time.perf_counter() - start
             choice = pol.scores_policy(es, teacher.table(es.pairs.user_id, es.pairs.candidates, es.mask.shape[1]))
             rel = relative_to(es, choice, prod, None, args.n_boot, 0, taste_top=taste)
-            new = relative_to(es, choice, prod, None, args.n_boot, 0, rows=np.flatnonzero(es.new_title))
+            new_rows = np.flatnonzero(es.new_title)
+            new = relative_to(es, choice, prod, None, args.n_boot, 0, rows=new_rows) if len(new_rows) else {"lift": None}
             row["teachers"][kind] = {"value": value(choice), "gap_closed_taste": rel["gap_closed_taste"],
                                      "lift": rel["lift"], "new_title_lift": new["lift"], "fit_seconds": seconds}
         rows.append(row)
@@ -80,7 +81,8 @@ def main() -> None:
         lines.append(f"| {r['world']} | {r['pairs']} | {r['production']:.3f} | {r['taste_oracle']:.3f} | {r['oracle']:.3f} | "
                      + " | ".join(f"{t[k]['value']:.3f}" for k in TEACHERS) + " | "
                      + " | ".join(pct(t[k]["gap_closed_taste"]) for k in TEACHERS)
-                     + f" | {pct(t['taste']['new_title_lift'], '+')} ({r['new_title_pairs']} pairs) |")
+                     + (f" | {pct(t['taste']['new_title_lift'], '+')} ({r['new_title_pairs']} pairs) |"
+                        if r["new_title_pairs"] else " | - |"))
     table = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(table + "\n")

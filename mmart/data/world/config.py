@@ -77,6 +77,7 @@ class WorldConfig:
         length(self, "production_style_prior", 3, "shot, tone, title size")
         within(self, "val_fraction", 0, 1, hi_open=True)
         within(self, "test_fraction", 0, 1, lo_open=True, hi_open=True)  # the report evaluates on test
+        within(self, "new_title_fraction", 0, 1, hi_open=True)
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must leave room for train")
         for name in ("history_length", "pairs_per_member"):

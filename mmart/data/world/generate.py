@@ -93,8 +93,6 @@ def generate_world(cfg: WorldConfig, out_dir: str | Path, progress: bool = True)
     if h_hi + p_hi > cfg.num_titles:
         raise UserError(f"history_length max ({h_hi}) + pairs_per_member max ({p_hi}) exceeds num_titles "
                         f"({cfg.num_titles}): a member cannot watch and be shown that many distinct titles")
-    if not 0 <= cfg.new_title_fraction < 1:
-        raise UserError(f"new_title_fraction must be in [0, 1), got {cfg.new_title_fraction}")
     is_new = new_titles(cfg)
     rng = np.random.default_rng(cfg.seed)
     catalog = sim.sample_catalog(cfg, rng)

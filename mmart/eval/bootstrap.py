@@ -30,13 +30,18 @@ def bootstrap(statistic: Callable[[np.ndarray], float], groups: np.ndarray, n_bo
     """
     groups = np.asarray(groups)
     uniq, inverse = np.unique(groups, return_inverse=True)
-    rows_of = np.split(np.argsort(inverse, kind="stable"), np.cumsum(np.bincount(inverse))[:-1])
+    order = np.argsort(inverse, kind="stable")  # rows grouped: group g's rows are order[start[g]: start[g] + count[g]]
+    count = np.bincount(inverse)
+    start = np.concatenate([[0], np.cumsum(count)[:-1]])
     rng = np.random.default_rng(seed)
     point = float(statistic(np.arange(len(groups))))
     stats = np.empty(n_boot)
     for b in range(n_boot):
         pick = rng.integers(0, len(uniq), len(uniq))
-        stats[b] = statistic(np.concatenate([rows_of[g] for g in pick]))
+        # The picked groups' rows, in pick order (a vectorised concatenate of their row lists).
+        n = count[pick]
+        offset = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+        stats[b] = statistic(order[np.repeat(start[pick], n) + offset])
     alpha = (1 - level) / 2
     low, high = np.quantile(stats, [alpha, 1 - alpha])
     return Estimate(point, float(low), float(high))

@@ -9,12 +9,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help="compare the trained model with the baselines: hit rate, IPS/SNIPS/DR, true value, lift",
         description=(
-            "Score every policy on the same member-title pairs (those in the first --pred file): each scored model, "
-            "production (the logging model's greedy choice), popularity, random and, on the demo world, the oracle. "
-            "Reports hit rate and MRR per logging slice (the uniformly-logged slice is unbiased), IPS/SNIPS/DR on "
-            "each pair's first logged impression, the true value from oracle.parquet, lift over production and the "
-            "share of the oracle gap closed, each with a 95% bootstrap interval over pairs. Writes report.json, "
-            "report.md, policy_values.png and estimators_vs_truth.png into --out."
+            "Score every policy on the same member-title pairs (every --pred file must score the same ones): each "
+            "scored model, the teacher SFT distils, production (the logging model's greedy choice), popularity, "
+            "random and, on the demo world, the taste oracle and the oracle. Reports hit rate and MRR per logging "
+            "slice (the uniformly-logged slice is unbiased), IPS/SNIPS/DR on each pair's first logged impression, "
+            "the true value from oracle.parquet, lift over production and the share of the gap to the taste oracle "
+            "and to the oracle closed, paired differences (every model minus production, plus each --diff), and the "
+            "slice of titles in no training decision, each with a 95% bootstrap interval over pairs. Opens with a "
+            "one-line verdict per model. Writes report.json, report.md, policy_values.png and "
+            "estimators_vs_truth.png into --out; docs/evaluation.md says what each number means."
         ))
     p.add_argument("--data", required=True, help="dataset folder (with oracle.parquet for the demo world)")
     p.add_argument("--pred", nargs="+", required=True, metavar="NAME=PATH",
@@ -22,7 +25,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--split", default="test")
     p.add_argument("--n-boot", type=_at_least_one, default=1000, help="bootstrap resamples (>= 1; default 1000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--diff", action="append", default=[], metavar="A-B",
+                   help="a paired difference to report, e.g. model-sft or model-text (repeatable; names from --pred, "
+                        "teacher, production, popularity, random, taste_oracle, oracle); every --pred model minus "
+                        "production is always reported")
+    p.add_argument("--config", default=None,
+                   help="the run's resolved pipeline config, recorded in report.json (default: pipeline.yaml beside "
+                        "the first --pred file or one folder up, as scripts/train.sh writes it)")
+    p.add_argument("--teacher", action="append", default=None, choices=["reward_model", "taste"],
+                   help="teacher(s) to show as policies (default: the run config's sft.teacher, else taste)")
     p.set_defaults(func=_run)
 
 
@@ -47,6 +59,7 @@ def _run(args: argparse.Namespace) -> int:
             raise UserError(f"--pred {item!r}: expected NAME=PATH, e.g. model=outputs/default/preds.parquet")
         name, path = item.split("=", 1)
         preds[name] = path
-    evaluate(args.data, preds, args.out, args.split, args.n_boot, args.seed)
+    evaluate(args.data, preds, args.out, args.split, args.n_boot, args.seed, config=args.config, diffs=args.diff,
+             teachers=args.teacher)
     print((__import__("pathlib").Path(args.out) / "report.md").read_text())
     return 0

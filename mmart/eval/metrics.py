@@ -68,23 +68,66 @@ def policy_metrics(es: EvalSet, probs: np.ndarray, n_boot: int = 1000, seed: int
 
 
 def relative_to(es: EvalSet, probs: np.ndarray, base: np.ndarray, top: np.ndarray | None,
-                n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
-    """Lift over ``base`` and share of the (top - base) gap closed, by true value (paired bootstrap)."""
+                n_boot: int = 1000, seed: int = 0, taste_top: np.ndarray | None = None,
+                rows: np.ndarray | None = None) -> dict[str, dict]:
+    """Lift over ``base`` and share of the (top - base) gap closed, by true value (paired bootstrap).
+
+    ``top`` is the oracle, ``taste_top`` the taste oracle (the reachable ceiling: ``gap_closed_taste``);
+    ``rows`` restricts everything to those pairs (a slice).
+    """
     if es.p_play is None:
         return {}
-    v, b = (probs * es.p_play).sum(1), (base * es.p_play).sum(1)
-    idx = np.arange(es.size)
+    rows = np.arange(es.size) if rows is None else np.asarray(rows)
+    v, b = (probs * es.p_play).sum(1)[rows], (base * es.p_play).sum(1)[rows]
+    idx = np.arange(len(rows))  # the bootstrap hands the statistic positions in this array
     out = {"lift": bootstrap(lambda i: (v[i].mean() - b[i].mean()) / b[i].mean(), idx, n_boot, seed=seed).as_dict()}
-    if top is not None:
-        t = (top * es.p_play).sum(1)
-        out["gap_closed"] = bootstrap(lambda i: (v[i].mean() - b[i].mean()) / max(t[i].mean() - b[i].mean(), 1e-12),
-                                      idx, n_boot, seed=seed).as_dict()
+    for key, ceiling in (("gap_closed", top), ("gap_closed_taste", taste_top)):
+        if ceiling is not None:
+            t = (ceiling * es.p_play).sum(1)[rows]
+            out[key] = bootstrap(lambda i: (v[i].mean() - b[i].mean()) / max(t[i].mean() - b[i].mean(), 1e-12),
+                                 idx, n_boot, seed=seed).as_dict()
     return out
 
 
+def true_value(es: EvalSet, probs: np.ndarray, rows: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
+    """The exact expected play rate over ``rows`` (demo world), with its bootstrap interval."""
+    v = (probs * es.p_play).sum(1)[rows]
+    return {**bootstrap(lambda i: v[i].mean(), np.arange(len(rows)), n_boot, seed=seed).as_dict(), "n": len(rows)}
+
+
+def per_pair_values(es: EvalSet, probs: np.ndarray, q_hat: np.ndarray | None) -> tuple[str, np.ndarray, np.ndarray]:
+    """Each evaluated pair's contribution to the policy's value, and the pair ids it belongs to.
+
+    On the demo world, the exact expected play (true value); elsewhere the DR term of each pair's first
+    logged impression (needs ``q_hat``). Means of these over the same pairs are what paired comparisons
+    compare.
+    """
+    if es.p_play is not None:
+        return "true_value", (probs * es.p_play).sum(1), np.arange(es.size)
+    if q_hat is None:
+        raise ValueError("per-pair values need the world's oracle or a reward model")
+    first = es.impressions[es.impressions["first"]]
+    pairs, shown = first.pair.to_numpy(), first.shown.to_numpy()
+    r, p = first.played.to_numpy(float), first.propensity.to_numpy(float)
+    pi = probs[pairs, shown]
+    return "dr", (probs[pairs] * q_hat[pairs]).sum(1) + pi / p * (r - q_hat[pairs, shown]), pairs
+
+
+def paired_difference(es: EvalSet, a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                      q_hat: np.ndarray | None = None) -> dict:
+    """V(a) - V(b) and (V(a) - V(b)) / V(b) over the same pairs, resampled together: what decides a design."""
+    metric, va, groups = per_pair_values(es, a, q_hat)
+    _, vb, _ = per_pair_values(es, b, q_hat)
+    diff = bootstrap(lambda i: va[i].mean() - vb[i].mean(), groups, n_boot, seed=seed).as_dict()
+    lift = bootstrap(lambda i: (va[i].mean() - vb[i].mean()) / max(vb[i].mean(), 1e-12), groups, n_boot,
+                     seed=seed).as_dict()
+    return {"metric": metric, "a": float(va.mean()), "b": float(vb.mean()), "difference": diff, "lift": lift,
+            "verdict": verdict(diff), "pairs": int(len(np.unique(groups)))}
+
+
 def verdict(est: dict) -> str:
-    """'no evidence' when the interval contains 0."""
+    """'better' / 'worse' when the 95% interval excludes 0, else 'no evidence'."""
     return "no evidence" if est["low"] <= 0 <= est["high"] else ("better" if est["value"] > 0 else "worse")
 
 
-__all__ = ["Estimate", "policy_metrics", "relative_to", "verdict"]
+__all__ = ["Estimate", "paired_difference", "per_pair_values", "policy_metrics", "relative_to", "true_value", "verdict"]

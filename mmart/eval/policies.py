@@ -27,6 +27,8 @@ class EvalSet:
     impressions: pd.DataFrame  # pair, shown (index), played, propensity, logging_policy, first (bool)
     p_play: np.ndarray | None  # [P, K] true play probability (demo world), else None
     production_prob: np.ndarray | None  # [P, K] the logging model's distribution (demo world), else None
+    p_taste: np.ndarray | None = None  # [P, K] play probability without the unlearnable noise (demo world)
+    new_title: np.ndarray | None = None  # [P] the pair's title is in no training decision (see new_titles)
 
     @property
     def size(self) -> int:
@@ -54,7 +56,7 @@ def eval_set(contract: Contract, split: str, pairs: list[tuple[str, str]], oracl
     if "logging_policy" not in imps:
         imps["logging_policy"] = "production"
 
-    p_play = prod = None
+    p_play = prod = taste = None
     if oracle_path is not None and Path(oracle_path).is_file():
         oracle = pd.read_parquet(oracle_path)
         oracle = oracle.merge(frame[["user_id", "title_id", "pair"]], on=["user_id", "title_id"])
@@ -62,9 +64,25 @@ def eval_set(contract: Contract, split: str, pairs: list[tuple[str, str]], oracl
         j = np.array([pos[(p, a)] for p, a in zip(oracle.pair, oracle.artwork_id)])
         p_play[oracle.pair.to_numpy(), j] = oracle.p_play.to_numpy()
         prod[oracle.pair.to_numpy(), j] = oracle.production_prob.to_numpy()
+        if "p_taste" in oracle:  # worlds generated before the taste oracle lack it
+            taste = np.zeros(mask.shape)
+            taste[oracle.pair.to_numpy(), j] = oracle.p_taste.to_numpy()
         if (p_play[mask] == 0).any():
             raise UserError(f"{oracle_path} lacks some evaluated candidates; regenerate the world")
-    return EvalSet(frame, mask, imps, p_play, prod)
+    unseen = new_titles(contract)
+    return EvalSet(frame, mask, imps, p_play, prod, taste, frame.title_id.isin(unseen).to_numpy())
+
+
+def new_titles(contract: Contract) -> set[str]:
+    """Titles in no training decision: no train impression, and in no member's history (so in no train prompt).
+
+    Choosing their artworks is choosing among artworks the model has never been trained on.
+    """
+    imps = contract.frame("impressions")
+    seen = set(imps.title_id[imps.split == "train"])
+    for history in contract.frame("users").history:
+        seen.update(ev["title_id"] for ev in (history if history is not None else []))
+    return set(contract.frame("titles").title_id) - seen
 
 
 def _one_hot_argmax(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -82,6 +100,18 @@ def oracle_policy(es: EvalSet) -> np.ndarray:
     if es.p_play is None:
         raise UserError("the oracle policy needs oracle.parquet (demo world only)")
     return _one_hot_argmax(es.p_play, es.mask)
+
+
+def taste_oracle_policy(es: EvalSet) -> np.ndarray:
+    """The best choice for the member's true tastes, without the per member-artwork noise no model can learn."""
+    if es.p_taste is None:
+        raise UserError("the taste oracle needs oracle.parquet with p_taste: regenerate the world with `mmart world`")
+    return _one_hot_argmax(es.p_taste, es.mask)
+
+
+def scores_policy(es: EvalSet, scores: np.ndarray) -> np.ndarray:
+    """The greedy choice of any scorer given as ``[P, K]`` scores over the canonical candidates."""
+    return _one_hot_argmax(scores, es.mask)
 
 
 def production_policy(es: EvalSet) -> np.ndarray:
@@ -105,7 +135,7 @@ def popularity_policy(es: EvalSet, rates: dict[str, float]) -> np.ndarray:
     return _one_hot_argmax(scores, es.mask)
 
 
-def model_policy(es: EvalSet, preds: pd.DataFrame, greedy: bool = True) -> np.ndarray:
+def model_policy(es: EvalSet, preds: pd.DataFrame, greedy: bool = True, name: str = "model") -> np.ndarray:
     """A scored model (``mmart predict`` output): its argmax choice (or its distribution)."""
     first = preds.drop_duplicates(["user_id", "title_id"]).set_index(["user_id", "title_id"])
     probs = np.zeros(es.mask.shape)
@@ -116,8 +146,11 @@ def model_policy(es: EvalSet, preds: pd.DataFrame, greedy: bool = True) -> np.nd
             continue
         row = first.loc[(u, t)]
         p = dict(zip(row.candidates, row.probs))
+        if set(p) != set(cands):
+            raise UserError(f"predictions {name!r} score candidates {sorted(p)} for ({u}, {t}), the dataset has "
+                            f"{sorted(cands)}: score this dataset with `mmart predict`")
         probs[i, : len(cands)] = [p[a] for a in cands]
     if missing:
-        raise UserError(f"predictions lack {len(missing)} evaluated pairs, e.g. {missing[:3]}; "
+        raise UserError(f"predictions {name!r} lack {len(missing)} evaluated pairs, e.g. {missing[:3]}; "
                         "score the same pairs (same split and --max-pairs) for every model")
     return _one_hot_argmax(probs, es.mask) if greedy else probs / probs.sum(1, keepdims=True)

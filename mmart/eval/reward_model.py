@@ -63,6 +63,7 @@ class RewardModel:
     member_tags: dict[str, Counter]
     member_plays: dict[str, int]
     title_of: dict[str, str]
+    kind: str = "reward_model"  # its name among the teachers (mmart/eval/teacher.py)
 
     def features(self, user_ids, artwork_ids) -> np.ndarray:
         rows = []

@@ -50,6 +50,55 @@ def test_oracle_is_beside_the_contract_and_covers_every_pair(tiny_world):
     assert oracle.groupby(["user_id", "title_id"]).production_prob.sum().round(9).eq(1).all()
 
 
+def test_taste_oracle_is_the_play_probability_without_the_noise(tiny_world, tiny_world_cfg, tmp_path):
+    from dataclasses import replace
+
+    oracle = pd.read_parquet(tiny_world / "oracle.parquet")
+    assert oracle.p_taste.between(0, 1).all() and not (oracle.p_taste == oracle.p_play).all()
+    summary = json.loads((tiny_world / "world_summary.json").read_text())["test_policy_values"]
+    assert summary["random"] < summary["taste_oracle"] <= summary["oracle"]
+    # Without the noise term the two coincide, and every table is as it was: p_taste draws no random number.
+    generate_world(replace(tiny_world_cfg, noise_std=0.0), tmp_path / "quiet", progress=False)
+    quiet = pd.read_parquet(tmp_path / "quiet" / "oracle.parquet")
+    assert (quiet.p_taste - quiet.p_play).abs().max() < 1e-12
+    for name in ("titles", "artworks"):
+        assert (tiny_world / f"{name}.parquet").read_bytes() == (tmp_path / "quiet" / f"{name}.parquet").read_bytes()
+
+
+def test_new_titles_are_in_no_training_decision(tiny_world):
+    from mmart.eval.policies import new_titles
+
+    held = set(json.loads((tiny_world / "new_titles.json").read_text())["title_ids"])
+    assert len(held) == 1  # 3% of 24 titles, at least one
+    imps = pd.read_parquet(tiny_world / "impressions.parquet")
+    users = pd.read_parquet(tiny_world / "users.parquet")
+    on_held = imps[imps.title_id.isin(held)]
+    assert len(on_held) and set(on_held.split) == {"test"}
+    assert not held & {e["title_id"] for h in users.history for e in h}
+    assert new_titles(load_contract(tiny_world, check=False)) == held  # what the report computes from the tables
+
+
+def test_holding_titles_out_disturbs_nothing_else(tiny_world, tiny_world_cfg, tmp_path):
+    """The held-out titles draw from their own stream: without them, the same members watch and are shown the
+    same titles with the same true play probabilities; only the held-out titles' traces move."""
+    from dataclasses import replace
+
+    generate_world(replace(tiny_world_cfg, new_title_fraction=0.0), tmp_path / "none", progress=False)
+    assert not json.loads((tmp_path / "none" / "new_titles.json").read_text())["title_ids"]
+    held = set(json.loads((tiny_world / "new_titles.json").read_text())["title_ids"])
+    for name in ("titles", "artworks"):
+        assert (tiny_world / f"{name}.parquet").read_bytes() == (tmp_path / "none" / f"{name}.parquet").read_bytes()
+    key = ["user_id", "title_id", "artwork_id"]
+    with_held = pd.read_parquet(tiny_world / "oracle.parquet").sort_values(key).reset_index(drop=True)
+    without = pd.read_parquet(tmp_path / "none" / "oracle.parquet").sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(with_held[key + ["p_play", "p_taste"]], without[key + ["p_play", "p_taste"]])
+    moved = with_held.split != without.split
+    assert with_held.title_id[moved].isin(held).all()
+    strip = lambda h: [dict(e) for e in h if e["title_id"] not in held]  # noqa: E731
+    users = pd.read_parquet(tiny_world / "users.parquet"), pd.read_parquet(tmp_path / "none" / "users.parquet")
+    assert [strip(h) for h in users[0].history] == [strip(h) for h in users[1].history]
+
+
 def test_logged_propensities_match_the_logging_policy(tiny_world, tiny_world_cfg):
     imps = pd.read_parquet(tiny_world / "impressions.parquet")
     oracle = pd.read_parquet(tiny_world / "oracle.parquet")
@@ -99,7 +148,9 @@ def test_default_world_is_a_fair_test(tmp_path):
     summary = generate_world(cfg, tmp_path / "w", progress=False)
     assert summary["test_mean_best_minus_worst_gap"] >= 0.05
     v = summary["test_policy_values"]
-    assert v["oracle"] > v["production"] > v["random"]
+    assert v["oracle"] > v["taste_oracle"] > v["teacher"] > v["production"] > v["random"]
+    assert 0.59 < v["taste_oracle"] < 0.61 and 0.5 < v["production"] < 0.51
+    assert 300 < summary["sizes"]["new_title_test_pairs"] < 500
     assert summary["min_propensity"] >= cfg.propensity_floor
     assert summary["share_test_pairs_uniform_random"] >= 0.20
     assert summary["share_pairs_with_multiple_impressions"] > 0.1

@@ -16,6 +16,7 @@ from mmart.eval import ope
 from mmart.eval import policies as pol
 from mmart.eval.metrics import policy_metrics
 from mmart.eval.reward_model import fit_logistic, fit_reward_model, log_loss
+from mmart.eval.teacher import TEACHERS, fit_teacher
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +30,11 @@ def world(tmp_path_factory):
     return contract, es
 
 
-def test_ips_snips_dr_cover_the_true_value_of_fixed_policies(world):
+@pytest.mark.parametrize("reward_model", TEACHERS)
+def test_ips_snips_dr_cover_the_true_value_of_fixed_policies(world, reward_model):
     contract, es = world
     assert es.size > 1500
-    q = fit_reward_model(contract, "train").table(es.pairs.user_id, es.pairs.candidates, es.mask.shape[1])
+    q = fit_teacher(contract, reward_model).table(es.pairs.user_id, es.pairs.candidates, es.mask.shape[1])
     fixed = {"random": pol.random_policy(es), "production": pol.production_policy(es),
              "popularity": pol.popularity_policy(es, pol.artwork_play_rates(contract))}
     for name, probs in fixed.items():

@@ -50,6 +50,10 @@ class WorldConfig:
     val_fraction: float = 0.05
     test_fraction: float = 0.15
     random_slice_fraction: float = field(default=0.35, metadata={"help": "Share of test pairs logged by a uniform random policy."})
+    new_title_fraction: float = field(default=0.03, metadata={
+        "help": "Share of titles held out of every training decision (no train or val pair, in no member's "
+                "history): all their pairs are test pairs, so the report can score artworks the model never "
+                "saw in training (new_titles.json lists them). 0 reproduces worlds generated before this option."})
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.themes if t not in ALL_THEMES]
@@ -73,6 +77,7 @@ class WorldConfig:
         length(self, "production_style_prior", 3, "shot, tone, title size")
         within(self, "val_fraction", 0, 1, hi_open=True)
         within(self, "test_fraction", 0, 1, lo_open=True, hi_open=True)  # the report evaluates on test
+        within(self, "new_title_fraction", 0, 1, hi_open=True)
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must leave room for train")
         for name in ("history_length", "pairs_per_member"):

@@ -29,6 +29,9 @@ T0 = 1_600_000_000  # history starts here; impressions start HISTORY_DAYS later
 HISTORY_DAYS, IMPRESSION_DAYS = 300, 60
 STYLE_TAGS = (("close-up", "group"), ("bright", "dark"), ("large", "small"))
 
+NEW_TITLES_FILE = "new_titles.json"  # beside the tables: the titles held out of every training decision
+NEW_TITLE_STREAM = 0x6E6577  # the held-out titles draw from their own stream: the main one stays as it was
+
 HISTORY_TYPE = pa.list_(pa.struct([("title_id", pa.string()), ("rating", pa.int64()),
                                    ("artwork_id", pa.string()), ("timestamp", pa.int64())]))
 
@@ -65,6 +68,15 @@ def _write(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def new_titles(cfg: WorldConfig) -> np.ndarray:
+    """Which titles are held out of every training decision: a bool per title, from its own RNG stream."""
+    is_new = np.zeros(cfg.num_titles, dtype=bool)
+    if cfg.new_title_fraction > 0:
+        k = max(1, round(cfg.new_title_fraction * cfg.num_titles))
+        is_new[np.random.default_rng([cfg.seed, NEW_TITLE_STREAM]).choice(cfg.num_titles, k, replace=False)] = True
+    return is_new
+
+
 def _gumbel_topk(scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """Sample k items per row without replacement, proportional to exp(score): [rows, k]."""
     g = scores + rng.gumbel(size=scores.shape)
@@ -81,6 +93,7 @@ def generate_world(cfg: WorldConfig, out_dir: str | Path, progress: bool = True)
     if h_hi + p_hi > cfg.num_titles:
         raise UserError(f"history_length max ({h_hi}) + pairs_per_member max ({p_hi}) exceeds num_titles "
                         f"({cfg.num_titles}): a member cannot watch and be shown that many distinct titles")
+    is_new = new_titles(cfg)
     rng = np.random.default_rng(cfg.seed)
     catalog = sim.sample_catalog(cfg, rng)
     members = sim.sample_members(cfg, rng)
@@ -135,8 +148,13 @@ def generate_world(cfg: WorldConfig, out_dir: str | Path, progress: bool = True)
     ratings = np.clip(np.rint(2.6 + 0.8 * hist_aff + rng.normal(0, 0.8, len(hist_user))), 1, 5).astype(int)
     known = rng.random(len(hist_user)) < cfg.history_artwork_known
     hist_ts = T0 + rng.integers(0, HISTORY_DAYS * DAY, len(hist_user))
+    # Held-out titles leave no trace in any history. Their events are dropped only now, after every draw,
+    # so the main random stream (and so every other event and impression) is the same as without them.
+    kept = ~is_new[hist_title]
     histories: list[list[dict]] = [[] for _ in range(cfg.num_members)]
     for i in np.lexsort((hist_ts, hist_user)):
+        if not kept[i]:
+            continue
         u, t = int(hist_user[i]), int(hist_title[i])
         histories[u].append({"title_id": title_ids[t], "rating": int(ratings[i]),
                              "artwork_id": art_ids[t][hist_choice[i]] if known[i] else None,
@@ -145,16 +163,20 @@ def generate_world(cfg: WorldConfig, out_dir: str | Path, progress: bool = True)
 
     # Genre share per member (what production reads from the history).
     genre_counts = np.zeros((cfg.num_members, n_themes))
-    np.add.at(genre_counts, hist_user, (catalog.title_mix[hist_title] > 0).astype(float))
-    genre_share = genre_counts / h_len[:, None]
+    np.add.at(genre_counts, hist_user[kept], (catalog.title_mix[hist_title[kept]] > 0).astype(float))
+    genre_share = genre_counts / np.maximum(np.bincount(hist_user[kept], minlength=cfg.num_members), 1)[:, None]
 
     # --- Impressions --------------------------------------------------------------------------
     n = len(pair_user)
     u_split = rng.random(n)
     split = np.where(u_split < cfg.test_fraction, "test", np.where(u_split < cfg.test_fraction + cfg.val_fraction, "val", "train"))
+    split = np.where(is_new[pair_title], "test", split)  # a held-out title is never trained (or validated) on
     uniform = (split == "test") & (rng.random(n) < cfg.random_slice_fraction)
     p_play = sim.sigmoid(sim.play_logits(cfg, members, catalog, pair_user, pair_title,
                                          rng.normal(0, cfg.noise_std, (n, a_per))))
+    # The taste oracle's view: the same play probability without the per member-artwork noise that no
+    # model can learn (computed, not drawn: the random stream is untouched).
+    p_taste = sim.sigmoid(sim.play_logits(cfg, members, catalog, pair_user, pair_title, np.zeros((n, a_per))))
     prod = sim.production_probs(cfg, catalog, pair_title, genre_share[pair_user])
     logging = np.where(uniform[:, None], 1.0 / a_per, prod)
     pair_ts = T0 + HISTORY_DAYS * DAY + rng.integers(0, IMPRESSION_DAYS * DAY, n)
@@ -194,6 +216,7 @@ def generate_world(cfg: WorldConfig, out_dir: str | Path, progress: bool = True)
         "artwork_id": [art_ids[t][j] for t in pair_title for j in range(a_per)],
         "split": np.repeat(split, a_per).tolist(),
         "p_play": pa.array(p_play.ravel(), pa.float64()),
+        "p_taste": pa.array(p_taste.ravel(), pa.float64()),
         "production_prob": pa.array(prod.ravel(), pa.float64()),
     })
 
@@ -212,11 +235,19 @@ def generate_world(cfg: WorldConfig, out_dir: str | Path, progress: bool = True)
     for name, tbl in (("titles", titles_tbl), ("artworks", artworks_tbl), ("users", users_tbl),
                       ("impressions", imp_tbl), ("oracle", oracle_tbl)):
         _write(tbl, out / f"{name}.parquet")
+    (out / NEW_TITLES_FILE).write_text(json.dumps({
+        "about": "titles held out of every training decision (new_title_fraction): no train or val pair, "
+                 "in no member's history; all their pairs are test pairs",
+        "title_ids": [title_ids[t] for t in np.flatnonzero(is_new)]}, indent=1) + "\n")
 
-    summary = _summary(cfg, p_play, prod, split, uniform, pair_title, pair_i, shown,
+    summary = _summary(cfg, p_play, p_taste, prod, split, uniform, pair_title, pair_i, shown,
                        np.concatenate(rows["played"])[order], logging)
     summary["sizes"].update({"titles": cfg.num_titles, "artworks": len(art_rows), "members": cfg.num_members,
-                             "history_events": int(len(hist_user))})
+                             "history_events": int(kept.sum()), "new_titles": int(is_new.sum()),
+                             "new_title_test_pairs": int(is_new[pair_title].sum())})
+    test = split == "test"
+    summary["test_policy_values"]["teacher"] = _teacher_value(
+        out, [user_ids[u] for u in pair_user[test]], [art_ids[t] for t in pair_title[test]], p_play[test])
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["config"] = to_dict(cfg)
     (out / "world_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -224,7 +255,7 @@ def generate_world(cfg: WorldConfig, out_dir: str | Path, progress: bool = True)
     return summary
 
 
-def _summary(cfg, p_play, prod, split, uniform, pair_title, pair_i, shown, played, logging) -> dict:
+def _summary(cfg, p_play, p_taste, prod, split, uniform, pair_title, pair_i, shown, played, logging) -> dict:
     n, a_per = p_play.shape
     test = split == "test"
     pt = p_play[test]
@@ -237,6 +268,7 @@ def _summary(cfg, p_play, prod, split, uniform, pair_title, pair_i, shown, playe
     rows = np.arange(int(test.sum()))
     values = {
         "oracle": float(pt.max(1).mean()),
+        "taste_oracle": float(pt[rows, p_taste[test].argmax(1)].mean()),
         "production": float(pt[rows, prod[test].argmax(1)].mean()),
         "logging_policy": float((pt * prod[test]).sum(1).mean()),
         "popularity": float(pt[rows, pop_choice[pair_title[test]]].mean()),
@@ -256,6 +288,15 @@ def _summary(cfg, p_play, prod, split, uniform, pair_title, pair_i, shown, playe
         "play_rate": float(played.mean()),
         "test_policy_values": values,
     }
+
+
+def _teacher_value(out: Path, users: list[str], candidates: list[list[str]], p_test: np.ndarray) -> float:
+    """True value of the default teacher's greedy choice on the test pairs: what SFT can distil from these logs."""
+    from mmart.data.contract import load_contract
+    from mmart.eval.teacher import DEFAULT_TEACHER, fit_teacher
+
+    q = fit_teacher(load_contract(out, check=False), DEFAULT_TEACHER).table(users, candidates, p_test.shape[1])
+    return float(p_test[np.arange(len(q)), q.argmax(1)].mean())
 
 
 def _contact_sheet(cfg: WorldConfig, catalog: sim.Catalog, specs: list[ArtworkSpec], out: Path) -> None:

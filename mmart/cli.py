@@ -20,6 +20,7 @@ STAGE_MODULES = (
     "mmart.train.cli",  # init, sft, dpo, export, predict
     "mmart.eval.cli",  # eval
     "mmart.review.cli",  # review
+    "mmart.status",  # status (which stages are up to date with the config and inputs; used by scripts/train.sh)
     "mmart.plan",  # plan (parameters and memory per GPU of a config, on the meta device)
     "mmart.config_cli",  # config (print or explain a config; used by scripts/train.sh)
 )
@@ -44,9 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
             "is most likely to play.\n\n"
             "Stages, in pipeline order:\n"
             "  world -> validate -> vision adapt -> cache build -> init -> sft -> dpo -> predict -> eval -> review\n"
-            "plus export (a standalone merged model), plan (parameters and memory per GPU, without loading\n"
-            "the model) and config (print a resolved config; --fields lists every setting with its help). `bash scripts/train.sh` runs the pipeline; `mmart <stage> --help`\n"
-            "explains a stage."
+            "plus status (which stages are up to date), export (a standalone merged model), plan (parameters\n"
+            "and memory per GPU, without loading the model) and config (print a resolved config; --fields\n"
+            "lists every setting with its help). `bash scripts/train.sh` runs the pipeline; `mmart <stage>\n"
+            "--help` explains a stage; docs/ explains the data contract, the pipeline and the report."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

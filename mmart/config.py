@@ -379,6 +379,15 @@ class PipelineConfig:
     def cache_dir(self) -> str:
         return self.cache.dir or f"{self.output_dir}/cache"
 
+    @property
+    def tower(self) -> VisionConfig:
+        """``vision`` with ``{output_dir}`` in its checkpoint resolved: a tower adapted for a run lives in the run's
+        folder (another dataset or output_dir never picks up a tower adapted for this one)."""
+        ckpt = self.vision.checkpoint
+        if not ckpt or "{output_dir}" not in ckpt:
+            return self.vision
+        return dataclasses.replace(self.vision, checkpoint=ckpt.replace("{output_dir}", self.output_dir))
+
 
 # Which dataclass a YAML under configs/ holds, by its folder (top-level files are pipeline configs).
 # configs/accelerate/ holds accelerate's own files, checked by accelerate's loader instead.

@@ -80,8 +80,22 @@ def predictions_frame(examples, probs, impressions: pd.DataFrame) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
+def check_tower(model_dir: Path, cache) -> None:
+    """Refuse a cache encoded by another tower than the one the model was trained on (its record says which).
+
+    Only the tower matters, not the cache's rows: artworks added after training need only their rows.
+    """
+    from mmart.artefacts import read_record, tower_fingerprint
+    from mmart.errors import UserError
+
+    trained = (read_record(model_dir) or {}).get("inputs", {}).get("tower")
+    if cache is not None and trained and tower_fingerprint(cache.path) != trained:
+        raise UserError(f"the cache {cache.path} was encoded by another vision tower (or preprocessing) than {model_dir} "
+                        "was trained with; score with that model's cache, or rebuild the cache with its tower")
+
+
 def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | Path | None,
-            cfg=None, batch_size: int = 16, max_pairs: int = 0, seed: int = 0, progress: bool = True,
+            cfg=None, batch_size: int = 16, max_pairs: int = 0, seed: int | None = None, progress: bool = True,
             pairs: set[tuple[str, str]] | None = None, slice_: str = "all", pack_titles: int | None = None
             ) -> pd.DataFrame:
     """Load a saved chooser and score every member-title pair of ``split`` (or only ``pairs``,
@@ -101,13 +115,23 @@ def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | 
     from mmart.train.data import cache_rows, decision_rows, subsample
     from mmart.train.sft import encoder_for
 
+    from mmart.artefacts import predict_made_from, write_record
+    from mmart.errors import UserError
+    from mmart.model.checkpoint import read_spec
+
     start = time.perf_counter()
     model_dir = Path(model_dir)
+    read_spec(model_dir)  # one line when the folder is not a saved chooser
     if cfg is None:  # the prompt and cache settings the model was trained with
         saved = model_dir / "pipeline.yaml"
-        cfg = from_dict(PipelineConfig, yaml.safe_load(saved.read_text()), str(saved)) if saved.is_file() \
-            else PipelineConfig()
-    inputs = load_inputs(cfg, str(data_dir), check=False)
+        if not saved.is_file():
+            raise UserError(f"{model_dir} has no pipeline.yaml (the prompt and cache settings the model was trained "
+                            "with; `mmart export` folders do not carry one): pass --config <the training config>")
+        cfg = from_dict(PipelineConfig, yaml.safe_load(saved.read_text()), str(saved))
+    seed = cfg.eval.seed if seed is None else seed
+    chosen_pairs = pairs is not None  # a caller's own pairs (a review): no record for train.sh to reuse
+    inputs = load_inputs(cfg, str(data_dir), check=False, expect_tower=False)
+    check_tower(model_dir, inputs.cache)
     model, tokenizer, _ = load_chooser(model_dir, device=device())
     if inputs.cache is not None:
         set_artwork_cache(model, inputs.cache.embeddings)
@@ -123,14 +147,20 @@ def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | 
     pack = cfg.eval.pack_titles if pack_titles is None else pack_titles
     rows = decision_rows(encoder_for(inputs, model, tokenizer), examples, cache_rows(inputs.cache), pack,
                          desc="encode").to_list()
-    scored = score_rows(model, rows, tokenizer.pad_token_id, batch_size, progress,
-                        bf16=use_bf16(cfg.eval.bf16, "predict"), readout=inputs.builder.readout)
+    bf16 = use_bf16(cfg.eval.bf16, "predict")
+    scored = score_rows(model, rows, tokenizer.pad_token_id, batch_size, progress, bf16=bf16,
+                        readout=inputs.builder.readout)
     probs = [scored[i] for i in range(len(examples))]
     imps = inputs.contract.frame("impressions")
     frame = predictions_frame(examples, probs, imps[imps.split == split])
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        frame.to_parquet(out, index=False)
+        tmp = Path(out).with_name(f".{Path(out).name}.tmp")
+        frame.to_parquet(tmp, index=False)
+        tmp.replace(out)
+        if not chosen_pairs:
+            write_record(out, predict_made_from(model_dir, data_dir, cfg.cache_dir if inputs.cache is not None else None,
+                                                split, max_pairs, slice_, seed, bf16))
     if progress:
         print(f"[mmart predict] {len(examples)} pairs in {len(rows)} rows (up to {pack} titles per member prefix), "
               f"{len(frame)} impressions in {time.perf_counter() - start:.0f}s")

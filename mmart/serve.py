@@ -86,7 +86,10 @@ class HomePageChooser:
                 raise UserError(f"{model_dir} has no pipeline.yaml (the prompt and cache settings it was trained "
                                 "with); pass cfg=load_config(PipelineConfig, <the training config>)")
             cfg = from_dict(PipelineConfig, yaml.safe_load(saved.read_text()), str(saved))
-        inputs = load_inputs(cfg, str(catalog_dir), check=False)
+        from mmart.predict import check_tower
+
+        inputs = load_inputs(cfg, str(catalog_dir), check=False, expect_tower=False)
+        check_tower(model_dir, inputs.cache)
         model, tokenizer, _ = load_chooser(model_dir, device=device or training_device())
         if inputs.cache is not None:
             set_artwork_cache(model, inputs.cache.embeddings)

@@ -64,6 +64,7 @@ def main() -> int:
     cfg = PipelineConfig()
     cfg.vision = load_config(VisionConfig, args.vision)
     cfg = apply_overrides(cfg, args.set) if args.set else cfg
+    cfg.vision = cfg.tower  # {output_dir} in vision.checkpoint: the default run's folder unless --set output_dir=...
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     cfg.cache.device = device
     items = catalog_items(load_contract(args.data, check=False))[: args.n]

@@ -37,7 +37,8 @@ from mmart.model.scoring import score_batch  # noqa: E402
 from mmart.serve import HomePageChooser, Watched  # noqa: E402
 from mmart.train.common import load_inputs, use_bf16  # noqa: E402
 from mmart.train.data import cache_rows, subsample  # noqa: E402
-from mmart.train.sft import build_model, choice_loss, encoder_for  # noqa: E402
+from mmart.train.init import build_model  # noqa: E402
+from mmart.train.sft import choice_loss, encoder_for  # noqa: E402
 
 
 def cpu_name() -> str:

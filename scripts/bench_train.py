@@ -33,7 +33,8 @@ from mmart.model.packing import collate_rows  # noqa: E402
 from mmart.model.scoring import read_log_probs, score_batch  # noqa: E402
 from mmart.train.common import load_inputs  # noqa: E402
 from mmart.train.data import cache_rows, decision_rows, subsample  # noqa: E402
-from mmart.train.sft import build_model, choice_loss, encoder_for  # noqa: E402
+from mmart.train.init import build_model  # noqa: E402
+from mmart.train.sft import choice_loss, encoder_for  # noqa: E402
 
 
 def rows_for(inputs, model, tok, examples, pack_titles: int = 1):
@@ -132,7 +133,7 @@ def bench_step(cfg, inputs, n: int, repeats: int) -> dict:
     examples = subsample(inputs.builder.choice_examples("train"), n, 0)
     batch = collate_rows(rows_for(inputs, model, tok, examples).to_list(), tok.pad_token_id)
     arts = batch["artwork_ids"]
-    tower = load_tower(cfg.vision)
+    tower = load_tower(cfg.tower)
     items = {it.artwork_id: it for it in catalog_items(inputs.contract)}
     used = sorted({int(a) for a in arts.flatten().tolist() if a >= 0})
     pixels = torch.stack([tower.preprocess(open_rgb(items[inputs.cache.artwork_ids[i]].path)) for i in used])

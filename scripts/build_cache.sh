@@ -4,7 +4,8 @@
 #   CONFIG   a pipeline config (default: configs/default.yaml); its data_dir must hold a dataset
 #            (the demo world is generated first when missing)
 #   VISION   the vision section (default: configs/vision/default.yaml, the tiny tower adapted on the world)
-# Reruns are cheap: the adapted checkpoint is kept, and the build resumes / encodes only new artworks.
+# Reruns are cheap: the adapted checkpoint is kept while the catalog and settings it was adapted on stay the
+# same, and the build resumes / encodes only new or changed artworks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,7 +14,7 @@ VISION=configs/vision/default.yaml
 while [ $# -gt 0 ]; do
   case "$1" in
     --vision) VISION="$2"; shift 2 ;;
-    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR == 1 { next } !/^#/ { exit } { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
     *) CONFIG="$1"; shift ;;
   esac
 done
@@ -34,9 +35,9 @@ if [ ! -f "$DATA/artworks.parquet" ]; then
   rm -f "$WORLD_YAML"
 fi
 
-# 1. Adapt the tower: a short CLIP training on (artwork, caption + tags) pairs, once (~30-60 s, kept after).
+# 1. Adapt the tower: a short CLIP training on (artwork, caption + tags) pairs (~30-60 s; kept while up to date).
 stage "vision adapt ($VISION)"
-mmart vision adapt --config "$CONFIG" --vision "$VISION" --data "$DATA" --if-missing --no-progress
+mmart vision adapt --config "$CONFIG" --vision "$VISION" --data "$DATA" --if-stale --no-progress
 
 # 2. Encode every artwork once: safetensors shards + manifest.json under <output_dir>/cache (~10 s).
 stage "cache build -> $OUT/cache"

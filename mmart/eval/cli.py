@@ -59,7 +59,10 @@ def _run(args: argparse.Namespace) -> int:
             raise UserError(f"--pred {item!r}: expected NAME=PATH, e.g. model=outputs/default/preds.parquet")
         name, path = item.split("=", 1)
         preds[name] = path
+    from mmart.artefacts import eval_made_from, write_record
+
     evaluate(args.data, preds, args.out, args.split, args.n_boot, args.seed, config=args.config, diffs=args.diff,
              teachers=args.teacher)
+    write_record(args.out, eval_made_from(args.data, preds, args.n_boot, args.seed))
     print((__import__("pathlib").Path(args.out) / "report.md").read_text())
     return 0

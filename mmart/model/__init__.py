@@ -11,26 +11,29 @@ Modules, in the order data flows through them:
     batching    padding helpers;  testing: tiny offline models for tests
 """
 
-from mmart.model.checkpoint import (
-    ChooserSpec,
-    add_lora,
-    build_chooser,
-    export_merged,
-    load_chooser,
-    lora_config,
-    save_chooser,
-)
-from mmart.model.chooser import (
-    attach_artworks,
-    chooser_projector,
-    chooser_slot_token_id,
-    set_artwork_cache,
-    slots_per_artwork,
-)
-from mmart.model.llm import SLOT_TOKEN, add_slot_token, ensure_default_llm, load_llm
-from mmart.model.projector import ArtworkProjector, ProjectorConfig, build_projector
-from mmart.model.readout import LETTERS, READOUTS, LetterReadout, PerCandidateReadout, Readout, make_readout
-from mmart.model.scoring import answer_positions, read_log_probs, score_batch
+import importlib
+from typing import Any
+
+# Where each public name lives. Imported on first use (PEP 562), so that light modules
+# (readout: prompt text only) do not pull torch, transformers and PEFT in with the package.
+_HOME = {
+    **dict.fromkeys(("ChooserSpec", "add_lora", "build_chooser", "export_merged", "load_chooser", "lora_config",
+                     "save_chooser"), "checkpoint"),
+    **dict.fromkeys(("attach_artworks", "chooser_projector", "chooser_slot_token_id", "set_artwork_cache",
+                     "slots_per_artwork"), "chooser"),
+    **dict.fromkeys(("SLOT_TOKEN", "add_slot_token", "ensure_default_llm", "load_llm"), "llm"),
+    **dict.fromkeys(("ArtworkProjector", "ProjectorConfig", "build_projector"), "projector"),
+    **dict.fromkeys(("LETTERS", "READOUTS", "LetterReadout", "PerCandidateReadout", "Readout", "make_readout"),
+                    "readout"),
+    **dict.fromkeys(("answer_positions", "read_log_probs", "score_batch"), "scoring"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'mmart.model' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"mmart.model.{_HOME[name]}"), name)
+
 
 __all__ = [
     "LETTERS",

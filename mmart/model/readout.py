@@ -23,11 +23,12 @@ refuses that with a clear error).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Union
-
-import torch
+from typing import TYPE_CHECKING, ClassVar, Union
 
 from mmart.errors import UserError
+
+if TYPE_CHECKING:  # torch is not needed to render prompts (and `mmart config` stays fast)
+    import torch
 
 LETTERS = "ABCDEFGH"  # at most 8 candidates per title (the data contract's limit)
 
@@ -101,7 +102,7 @@ class Readout:
         """The token id read for each of ``k`` candidates."""
         raise NotImplementedError
 
-    def candidate_scores(self, read_log_probs: torch.Tensor) -> torch.Tensor:
+    def candidate_scores(self, read_log_probs: "torch.Tensor") -> "torch.Tensor":
         """``[..., K]`` log-probabilities of the read tokens -> candidate scores (softmax gives the choice)."""
         return read_log_probs
 

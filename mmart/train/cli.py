@@ -90,18 +90,9 @@ def _load(args):
 
 
 def _init(args) -> int:
-    from pathlib import Path
+    from mmart.train.init import run_init
 
-    from mmart.model.checkpoint import save_chooser
-    from mmart.train.common import load_inputs
-    from mmart.train.sft import _yaml, build_model
-
-    cfg = _load(args)
-    inputs = load_inputs(cfg)
-    model, tokenizer = build_model(cfg, inputs.cache, inputs.contract)
-    out = save_chooser(model, tokenizer, Path(cfg.output_dir) / "init" / "model")
-    (out / "pipeline.yaml").write_text(_yaml(cfg))
-    print(f"[mmart init] saved {out}")
+    run_init(_load(args))
     return 0
 
 

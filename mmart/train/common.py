@@ -27,14 +27,20 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_inputs(cfg: PipelineConfig, data_dir: str | None = None, check: bool = True) -> StageInputs:
-    """The contract, the example builder, and (for artwork slots) the verified cache on the device."""
+def load_inputs(cfg: PipelineConfig, data_dir: str | None = None, check: bool = True,
+                expect_tower: bool = True) -> StageInputs:
+    """The contract, the example builder, and (for artwork slots) the verified cache on the device.
+
+    ``expect_tower``: refuse a cache built by another tower than ``vision`` names (training). Scoring
+    a saved model passes False: its record names the cache it was trained with, and the tower file
+    itself is not needed to read a cache.
+    """
     contract = load_contract(data_dir or cfg.data_dir, check=check)
     cache = None
     if cfg.prompt.artwork_input == "embeddings":
         from mmart.vision.store import ArtworkCache
 
-        cache = ArtworkCache.load(cfg.cache_dir, device(), expect=cfg.vision,
+        cache = ArtworkCache.load(cfg.cache_dir, device(), expect=cfg.tower if expect_tower else None,
                                   tokens_per_artwork=cfg.cache.tokens_per_artwork)
     return StageInputs(contract, ExampleBuilder(contract, cfg.prompt), cache)
 

@@ -73,10 +73,11 @@ class SFTStageConfig:
     propensity_clip: Optional[float] = field(default=10.0, metadata={
         "help": "Weight each played label's loss by min(1/propensity, clip), scaled to mean 1 (importance weighting "
                 "against the serving policy's bias: what members play, not what it liked to show); null = unweighted."})
-    teacher: Literal["none", "reward_model"] = field(default="none", metadata={
-        "help": "per_candidate only. reward_model: also fit a logistic regression on the train logs (mmart.eval."
-                "reward_model) and train towards its choice distribution q_k / sum(q): a denoised version of the "
-                "played label, far more signal per example than one noisy play."})
+    teacher: Literal["none", "reward_model", "taste"] = field(default="none", metadata={
+        "help": "A model of P(play) fit on the train logs (mmart.eval.teacher) whose choice distribution over each "
+                "decision's candidates SFT also learns: a denoised version of the played label, defined on every "
+                "decision, played or not. taste = each member's taste in looks (tag families) from the history's "
+                "own choices and genres; reward_model = four-feature logistic regression. none = played label only."})
     teacher_weight: float = field(default=0.5, metadata={
         "help": "Loss = (1 - w) * CE(played) + w * CE(teacher distribution)."})
     teacher_temperature: float = field(default=1.0, metadata={

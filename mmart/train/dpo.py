@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
+from mmart.artefacts import fresh_checkpoints, made_from, model_fingerprint, stale, write_record
 from mmart.config import PipelineConfig
 from mmart.distributed import distributed_state
 from mmart.errors import UserError
@@ -55,12 +56,23 @@ class TRLTrainer(ProjectorLRMixin, MultimodalDPOTrainer):
 
 
 def merged_sft(sft_model_dir: Path) -> Path:
-    """The SFT chooser as a standalone merged folder (made once; DPO's base and reference)."""
+    """The SFT chooser as a standalone merged folder: DPO's base and reference.
+
+    Made once per SFT model: its record names the SFT weights it was merged from, and a
+    retrained SFT model is merged again (never a merge of older weights).
+    """
+    import shutil
+
     merged = sft_model_dir.parent / "merged"
-    if not (merged / "mmart_chooser.json").is_file():
-        print(f"[mmart dpo] merging the SFT adapter into {merged}")
-        tmp = merged.with_name(".merged-tmp")
+    wanted = {"stage": "merge", "inputs": {"sft": model_fingerprint(sft_model_dir)}}
+    why = stale(merged, wanted)
+    if why:
+        print(f"[mmart dpo] merging the SFT adapter into {merged} ({'; '.join(why)})")
+        tmp = merged.with_name(f".merged-tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
         export_merged(sft_model_dir, tmp)
+        write_record(tmp, wanted)
+        shutil.rmtree(merged, ignore_errors=True)
         tmp.rename(merged)
     return merged
 
@@ -73,8 +85,12 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
                         "per_candidate answers train with dpo.method=fast")
     read_spec(sft_dir)  # a clear error when SFT has not run
     start = time.perf_counter()
-    with distributed_state().main_process_first():  # one process merges; the others then read it
-        base = merged_sft(sft_dir).resolve()
+    state = distributed_state()
+    with state.main_process_first():  # one process merges; the others then read it
+        base = merged_sft(sft_dir).resolve() if state.is_main_process else (sft_dir.parent / "merged").resolve()
+    made = made_from(cfg, "dpo", model_dir=sft_dir)
+    with state.main_process_first():
+        fresh_checkpoints(out / "checkpoints", made)  # resume only checkpoints of these very inputs
     inputs = load_inputs(cfg)
     model, tokenizer, _ = load_chooser(base, device=device())
     torch.manual_seed(cfg.model.seed)
@@ -117,5 +133,6 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
         (model_dir / "pipeline.yaml").write_text(_yaml(cfg))
         save_curves(trainer.state.log_history, model_dir / "curves.png",
                     ("loss", "rewards/margins", "rewards/accuracies"))
+        write_record(model_dir, made)
         print(f"[mmart dpo] saved {model_dir} in {time.perf_counter() - start:.0f}s")
     return model_dir

@@ -22,11 +22,11 @@ from trl import SFTConfig, SFTTrainer
 from mmart.config import PipelineConfig, to_dict
 from mmart.distributed import distributed_state
 from mmart.examples import PromptEncoder
-from mmart.model.checkpoint import add_lora, build_chooser, lora_config, resolve_base_model, save_chooser
-from mmart.model.chooser import chooser_projector, set_artwork_cache, slots_per_artwork
+from mmart.artefacts import fresh_checkpoints, made_from, write_record
+from mmart.model.checkpoint import save_chooser
+from mmart.model.chooser import slots_per_artwork
 from mmart.model.packing import collate_rows
 from mmart.model.scoring import score_batch
-from mmart.train.align import align_projector, word_targets
 from mmart.train.common import (
     ProjectorLRMixin,
     common_args,
@@ -38,6 +38,7 @@ from mmart.train.common import (
     trainer_config,
 )
 from mmart.train.data import cache_rows, decision_rows, subsample
+from mmart.train.init import build_model, ensure_init
 
 
 @dataclass
@@ -95,26 +96,6 @@ class ArtworkSFTTrainer(ProjectorLRMixin, SFTTrainer):
         return (loss, {"scores": scores}) if return_outputs else loss
 
 
-def build_model(cfg: PipelineConfig, cache=None, contract=None):
-    """A fresh chooser with LoRA. Seeded (projector init and its stage-0 alignment), so a resumed run
-    rebuilds exactly the same base before loading the checkpoint."""
-    m = cfg.model
-    resolve_base_model(m.base_model)  # first use converts or builds it (and touches the RNG): before seeding
-    torch.manual_seed(m.seed)
-    model, tokenizer = build_chooser(m.base_model, cache.dim if cache is not None else 8, m.projector, m.dtype,
-                                     m.attn_implementation, m.trust_remote_code, projector_tokens=m.projector_tokens)
-    if cache is not None:
-        set_artwork_cache(model, cache.embeddings)
-        if m.projector_init != "random" and contract is not None:
-            projector = chooser_projector(model)
-            targets = word_targets(contract, cache.artwork_ids, tokenizer, model.get_input_embeddings(), m.projector_init,
-                                   slots=m.projector_tokens)
-            stats = align_projector(projector, cache.embeddings, targets, m.projector_init_steps, seed=m.seed)
-            print(f"[mmart] projector aligned to the LLM's embeddings of artwork {m.projector_init}: "
-                  f"loss {stats['loss_first']:.3f} -> {stats['loss_last']:.3f} in {stats['seconds']:.1f}s")
-    return add_lora(model, lora_config(m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target)), tokenizer
-
-
 def encoder_for(inputs, model, tokenizer) -> PromptEncoder:
     """The prompt encoder of a stage: slots per artwork come from the model (its cache x its projector)."""
     slots = slots_per_artwork(model) if inputs.cache is not None else 1
@@ -132,16 +113,21 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
     """Train, save the chooser to ``<out>/model`` and the curves to ``<out>/model/curves.png``."""
     out = Path(out_dir or f"{cfg.output_dir}/sft")
     start = time.perf_counter()
-    distributed_state()  # before the Trainer: CPU processes join one gloo group
+    state = distributed_state()  # before the Trainer: CPU processes join one gloo group
     inputs = load_inputs(cfg)
+    init_dir = ensure_init(cfg, inputs)  # stage 0 once (main process), reused by every rank
+    made = made_from(cfg, "sft")
+    with state.main_process_first():
+        fresh_checkpoints(out / "checkpoints", made)  # resume only checkpoints of these very inputs
     examples = sft_examples(cfg, inputs.builder)
-    model, tokenizer = build_model(cfg, inputs.cache, inputs.contract)
+    model, tokenizer = build_model(cfg, inputs.cache, inputs.contract, init_dir)
     teacher = None
-    if cfg.sft.teacher == "reward_model":
-        from mmart.eval.reward_model import fit_reward_model
+    if cfg.sft.teacher != "none":
+        from mmart.eval.teacher import fit_teacher
 
-        teacher = fit_reward_model(inputs.contract, "train")
-        print(f"[mmart sft] teacher: logistic reward model on the train logs, weight {cfg.sft.teacher_weight}")
+        teacher = fit_teacher(inputs.contract, kind=cfg.sft.teacher, split="train")
+        print(f"[mmart sft] teacher: {cfg.sft.teacher} (fit on the train logs), weight {cfg.sft.teacher_weight}, "
+              f"temperature {cfg.sft.teacher_temperature}")
     elif cfg.sft.examples == "pairs":
         print("[mmart sft] warning: sft.examples=pairs without a teacher learns only from the played pairs")
     data = decision_rows(encoder_for(inputs, model, tokenizer), examples, cache_rows(inputs.cache),
@@ -172,6 +158,7 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
         (model_dir / "pipeline.yaml").write_text(_yaml(cfg))
         save_curves(trainer.state.log_history, model_dir / "curves.png",
                     ("loss", "choice_accuracy", "teacher_ce", "grad_norm", "learning_rate"))
+        write_record(model_dir, made)
         print(f"[mmart sft] saved {model_dir} in {time.perf_counter() - start:.0f}s")
     return model_dir
 

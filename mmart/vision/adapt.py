@@ -82,6 +82,28 @@ def _shift(pixels: torch.Tensor, generator: torch.Generator, max_shift: int = 3)
     return torch.roll(pixels, shifts=(dy, dx), dims=(2, 3))
 
 
+def adapt_made_from(data_dir: str | Path, vision: VisionConfig) -> dict[str, Any]:
+    """What an adapted tower is fitted on: the catalog's artworks (table and image bytes) and the settings."""
+    import dataclasses
+
+    from mmart.artefacts import images_fingerprint
+
+    settings = {k: v for k, v in dataclasses.asdict(vision).items() if k not in ("checkpoint",)}
+    return {"stage": "vision adapt", "config": settings, "inputs": {"catalog": images_fingerprint(data_dir)}}
+
+
+def adapted_made_from(path: str | Path) -> dict[str, Any] | None:
+    """The record inside an adapted tower's safetensors (None for another file or an older one)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("mmart", "{}"))
+    except Exception:  # not a safetensors file, or unreadable: nothing to trust
+        return None
+    return meta.get("made_from")
+
+
 def adapt_tower(data_dir: str | Path, vision: VisionConfig, out_path: str | Path, num_workers: int = 2,
                 progress: bool = True) -> dict[str, Any]:
     """Train ``vision.model`` (from its pretrained tag, else a seeded init) on the catalog; save to ``out_path``."""
@@ -152,7 +174,8 @@ def adapt_tower(data_dir: str | Path, vision: VisionConfig, out_path: str | Path
     tmp = out_path.with_name(out_path.name + f".tmp-{os.getpid()}")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     # A single metadata key: safetensors writes several in hash order, and the bytes must repeat.
-    save_file(state, str(tmp), metadata={"mmart": json.dumps({"model": vision.model, "by": "mmart vision adapt"})})
+    meta = {"model": vision.model, "by": "mmart vision adapt", "made_from": adapt_made_from(data_dir, vision)}
+    save_file(state, str(tmp), metadata={"mmart": json.dumps(meta, sort_keys=True)})
     os.replace(tmp, out_path)
     report = {
         "checkpoint": str(out_path), "model": vision.model, "pretrained": vision.pretrained, "data_dir": str(data_dir),

@@ -40,7 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "Example: mmart vision adapt --vision configs/vision/default.yaml --data data/world")
     _config_args(a)
     a.add_argument("--out", default=None, help="checkpoint to write (default: vision.checkpoint)")
-    a.add_argument("--if-missing", action="store_true", help="do nothing when the checkpoint already exists")
+    a.add_argument("--if-stale", action="store_true",
+                   help="keep the checkpoint when it was adapted on this very catalog (artworks table and image bytes) "
+                        "with these settings (its safetensors metadata records both); adapt again otherwise")
     a.add_argument("--num-workers", type=int, default=2, help="DataLoader workers decoding images")
     a.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     a.set_defaults(func=_adapt)
@@ -113,7 +115,9 @@ def _load(args: argparse.Namespace) -> Any:
     cfg = load_config(PipelineConfig, args.config)
     if args.vision:
         cfg.vision = load_config(VisionConfig, args.vision)
-    return apply_overrides(cfg, args.set) if args.set else cfg
+    cfg = apply_overrides(cfg, args.set) if args.set else cfg
+    cfg.vision = cfg.tower  # {output_dir} in vision.checkpoint -> this run's folder
+    return cfg
 
 
 def _cache_dir(cfg: Any, out: str | None) -> str:
@@ -130,12 +134,18 @@ def _adapt(args: argparse.Namespace) -> int:
     out = args.out or cfg.vision.checkpoint
     if not out:
         raise UserError("no checkpoint to write: set vision.checkpoint (e.g. --set vision.checkpoint=outputs/vision/t.safetensors) or pass --out")
-    if args.if_missing and Path(out).is_file():
-        print(f"vision adapt: {out} exists; keeping it (delete it or drop --if-missing to retrain)")
-        return 0
-    from mmart.vision.adapt import adapt_tower
+    from mmart.artefacts import differences
+    from mmart.vision.adapt import adapt_made_from, adapt_tower, adapted_made_from
 
-    report = adapt_tower(args.data or cfg.data_dir, cfg.vision, out, num_workers=args.num_workers,
+    data = args.data or cfg.data_dir
+    if args.if_stale and Path(out).is_file():
+        why = differences(adapted_made_from(out), adapt_made_from(data, cfg.vision))
+        if not why:
+            print(f"vision adapt: {out} is up to date (adapted on this catalog with these settings); kept")
+            return 0
+        print(f"vision adapt: {out} must be adapted again ({'; '.join(why)})")
+
+    report = adapt_tower(data, cfg.vision, out, num_workers=args.num_workers,
                          progress=not args.no_progress)
     print(json.dumps(report, indent=2))
     return 0

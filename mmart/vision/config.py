@@ -15,7 +15,7 @@ from typing import Literal, Optional
 from mmart.config_checks import FieldError, at_least, length, not_empty, one_of, positive, seeds
 
 DEFAULT_MODEL = "mmart-tiny-vit"
-DEFAULT_CHECKPOINT = "outputs/vision/mmart-tiny-vit-adapted.safetensors"
+DEFAULT_CHECKPOINT = "{output_dir}/vision/mmart-tiny-vit-adapted.safetensors"  # resolved by PipelineConfig.tower
 
 
 @dataclass
@@ -52,7 +52,7 @@ class VisionConfig:
                 "exclusive with checkpoint."})
     checkpoint: Optional[str] = field(default=DEFAULT_CHECKPOINT, metadata={
         "help": "Local open_clip state dict (.safetensors) for the architecture; written by `mmart vision adapt`. "
-                "null = pretrained tag or seeded random init."})
+                "{output_dir} stands for the pipeline's output_dir. null = pretrained tag or seeded random init."})
     init_seed: int = field(default=0, metadata={
         "help": "Seed of the random init when neither pretrained nor checkpoint is given (tests), so two "
                 "loads give the same tower."})

@@ -79,6 +79,9 @@ def _normalize_preprocess(pp: dict[str, Any]) -> dict[str, Any]:
 def _checkpoint_path(cfg: VisionConfig) -> Path | None:
     if not cfg.checkpoint:
         return None
+    if "{output_dir}" in cfg.checkpoint:
+        raise UserError(f"vision.checkpoint {cfg.checkpoint!r} names the run's {{output_dir}}: load the vision section "
+                        "through a pipeline config (--config), or give a plain path")
     path = Path(os.path.expandvars(os.path.expanduser(cfg.checkpoint)))
     if not path.is_file():
         hint = (" Create it with `mmart vision adapt` (or bash scripts/build_cache.sh)."

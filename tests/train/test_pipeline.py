@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -16,35 +15,9 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from mmart.config import CONFIG_ROOT, PipelineConfig, load_config
-from mmart.vision.cache import build_cache
+from mmart.config import CONFIG_ROOT
 
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    path = tmp_path_factory.mktemp("mmart_home")
-    mp.setenv("MMART_HOME", str(path))
-    yield path
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def cfg(tiny_world, tmp_path_factory, home) -> PipelineConfig:
-    out = tmp_path_factory.mktemp("run")
-    c = load_config(PipelineConfig, CONFIG_ROOT / "smoke.yaml", [
-        f"data_dir={tiny_world}", f"output_dir={out}", "sft.max_examples=12", "sft.batch_size=2",
-        "sft.save_steps=2", "dpo.max_examples=6", "dpo.batch_size=3", "sft.logging_steps=1"])
-    build_cache(tiny_world, c.cache_dir, c.vision, c.cache, progress=False)
-    return c
-
-
-def with_out(c: PipelineConfig, out: Path) -> PipelineConfig:
-    return replace(c, output_dir=str(out), cache=replace(c.cache, dir=c.cache_dir))
-
-
-def digest_line(text: str, stage: str = "sft") -> dict[int, str]:
-    return {int(r): d for r, d in re.findall(rf"\[mmart {stage}\] rank (\d+) trainable weights sha256 (\w+)", text)}
+from _runs import digest_line, with_out  # noqa: E402 - tests/train/_runs.py
 
 
 class Interrupt(TrainerCallback):
@@ -165,7 +138,8 @@ def test_projector_lr_zero_trains_lora_and_keeps_the_stage0_projector(cfg, tmp_p
     from mmart.model.checkpoint import load_chooser
     from mmart.model.chooser import chooser_projector, set_artwork_cache
     from mmart.train.common import load_inputs
-    from mmart.train.sft import build_model, run_sft
+    from mmart.train.init import build_model
+    from mmart.train.sft import run_sft
 
     c = with_out(cfg, tmp_path)
     c = replace(c, sft=replace(c.sft, projector_lr=0.0, max_examples=6))

@@ -1,0 +1,202 @@
+"""What each artefact was made from, and whether today's config and inputs would make the same.
+
+Every stage output (``init/model``, ``sft/model``, ``sft/merged``, ``dpo/model``, a stage's
+``checkpoints/``, ``preds/<name>.parquet``, ``eval/``) carries a record, ``made_from.json``:
+the stage, the config sections that shape it, and fingerprints of its inputs (dataset
+tables, embedding cache, the model it started from). A stage's output is reused only when
+its record equals what the stage would be made from now; otherwise it reruns
+(``scripts/train.sh`` asks ``mmart status``) and its checkpoints from other inputs are
+discarded, never resumed. A later stage's record holds the fingerprint of the earlier
+stage's output, so a change anywhere reruns that stage and every one after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+RECORD = "made_from.json"
+TABLES = ("titles", "artworks", "users", "impressions")
+STAGES = ("init", "sft", "dpo", "predict", "eval")
+# Settings that change how a stage reports or checkpoints, not what it makes.
+NOT_SHAPING = {"logging_steps", "save_steps", "report_to", "eval_steps"}
+
+
+def sha256_files(paths: Iterable[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def data_fingerprint(data_dir: str | Path) -> str:
+    """The dataset's tables (images are covered by the cache's own per-image hashes)."""
+    root = Path(data_dir)
+    return sha256_files(root / f"{t}.parquet" for t in TABLES if (root / f"{t}.parquet").is_file())[:16]
+
+
+def images_fingerprint(data_dir: str | Path) -> str:
+    """The artworks table and every image file's bytes (what a tower adapted on the catalog saw)."""
+    import pyarrow.parquet as pq
+
+    root = Path(data_dir)
+    h = hashlib.sha256(sha256_files([root / "artworks.parquet"]).encode())
+    for rel in sorted(pq.read_table(root / "artworks.parquet", columns=["path"]).column("path").to_pylist()):
+        path = root / str(rel)
+        h.update(str(rel).encode())
+        h.update(sha256_files([path]).encode() if path.is_file() else b"missing")
+    return h.hexdigest()[:16]
+
+
+def cache_fingerprint(cache_dir: str | Path) -> str | None:
+    """The cache's manifest (tower fingerprint, shard checksums, artwork ids and image hashes)."""
+    manifest = Path(cache_dir) / "manifest.json"
+    return sha256_files([manifest])[:16] if manifest.is_file() else None
+
+
+def tower_fingerprint(cache_dir: str | Path) -> str | None:
+    """The tower and preprocessing the cache was encoded with (not its rows: adding artworks keeps it)."""
+    manifest = Path(cache_dir) / "manifest.json"
+    try:
+        fingerprint = json.loads(manifest.read_text())["fingerprint"]
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        return None
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(model_dir: str | Path) -> str | None:
+    """A saved chooser's weights and spec (None when it is not a complete chooser folder)."""
+    folder = Path(model_dir)
+    if not (folder / "mmart_chooser.json").is_file():
+        return None
+    files = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors" or p.name == "mmart_chooser.json")
+    return sha256_files(files)[:16]
+
+
+def _section(cfg: Any, name: str) -> Any:
+    from mmart.config import to_dict
+
+    value = to_dict(getattr(cfg, name))
+    return {k: v for k, v in value.items() if k not in NOT_SHAPING} if isinstance(value, dict) else value
+
+
+def made_from(cfg: Any, stage: str, model_dir: str | Path | None = None, preds: dict[str, str] | None = None) -> dict:
+    """What ``stage`` of ``cfg`` is made from now: config sections and input fingerprints.
+
+    ``model_dir``: for ``dpo``, the SFT model it starts from (default ``<output_dir>/sft/model``); for
+    ``predict``, the model scored. ``preds``: for ``eval``, name -> predictions file.
+    """
+    from mmart.train.common import use_bf16
+
+    out = Path(cfg.output_dir)
+    embeddings = cfg.prompt.artwork_input == "embeddings"
+    if stage == "predict":
+        e = cfg.eval
+        return predict_made_from(model_dir, cfg.data_dir, cfg.cache_dir if embeddings else None, e.split, e.max_pairs,
+                                 e.pairs, e.seed, use_bf16(e.bf16))
+    if stage == "eval":
+        return eval_made_from(cfg.data_dir, preds or {}, cfg.eval.n_boot, cfg.eval.seed)
+    if stage not in ("init", "sft", "dpo"):
+        raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
+    inputs: dict[str, Any] = {"data": data_fingerprint(cfg.data_dir)}
+    if embeddings:
+        inputs["cache"] = cache_fingerprint(cfg.cache_dir)
+        inputs["tower"] = tower_fingerprint(cfg.cache_dir)  # what scoring checks: any cache of the same tower
+    config = {name: _section(cfg, name) for name in ("model", "prompt", "cache")}
+    if stage == "sft":
+        config["sft"] = _section(cfg, "sft")
+        if embeddings and cfg.model.projector_init != "random":
+            inputs["init"] = model_fingerprint(out / "init" / "model")  # SFT starts from init's projector
+    if stage == "dpo":
+        config["dpo"] = _section(cfg, "dpo")
+        inputs["sft"] = model_fingerprint(model_dir or out / "sft" / "model")
+    return {"stage": stage, "config": config, "inputs": inputs}
+
+
+def eval_made_from(data_dir: str | Path, preds: dict[str, str | Path], n_boot: int, seed: int) -> dict:
+    """What a report is made from: the dataset, each predictions file, the bootstrap settings."""
+    predictions = {k: sha256_files([Path(v)])[:16] if Path(v).is_file() else None for k, v in sorted(preds.items())}
+    return {"stage": "eval", "config": {"n_boot": n_boot, "seed": seed},
+            "inputs": {"data": data_fingerprint(data_dir), "predictions": predictions}}
+
+
+def predict_made_from(model_dir: str | Path | None, data_dir: str | Path, cache_dir: str | Path | None, split: str,
+                      max_pairs: int, slice_: str, seed: int, bf16: bool) -> dict:
+    """What a predictions file is made from: the model, the data and cache, which pairs, and the precision."""
+    inputs = {"model": model_fingerprint(model_dir) if model_dir else None, "data": data_fingerprint(data_dir)}
+    if cache_dir is not None:
+        inputs["cache"] = cache_fingerprint(cache_dir)
+    return {"stage": "predict", "inputs": inputs,
+            "config": {"split": split, "max_pairs": max_pairs, "slice": slice_, "seed": seed, "bf16": bool(bf16)}}
+
+
+def record_path(artefact: str | Path) -> Path:
+    """Where an artefact's record lives: inside a folder, beside a file (``preds.parquet`` -> ``preds.made_from.json``)."""
+    p = Path(artefact)
+    return p / RECORD if p.suffix == "" else p.with_name(f"{p.stem}.{RECORD}")
+
+
+def write_record(artefact: str | Path, record: dict) -> Path:
+    """Atomically write ``record`` for ``artefact`` (after the artefact itself is complete)."""
+    path = record_path(artefact)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_record(artefact: str | Path) -> dict | None:
+    try:
+        return json.loads(record_path(artefact).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def differences(recorded: dict | None, wanted: dict, limit: int = 3) -> list[str]:
+    """Human-readable differences between a record and what is wanted now (empty: the same)."""
+    if recorded is None:
+        return ["no record of what it was made from"]
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, where: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b), key=str):
+                walk(a.get(k), b.get(k), f"{where}.{k}" if where else str(k))
+        elif a != b:
+            what = "changed" if where.startswith("inputs") else f"{_short(a)} -> {_short(b)}"
+            out.append(f"{where}: {what}")
+
+    walk(recorded, wanted, "")
+    return out[:limit] + ([f"and {len(out) - limit} more"] if len(out) > limit else [])
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def stale(artefact: str | Path, wanted: dict) -> list[str]:
+    """Why ``artefact`` cannot be reused for ``wanted`` (empty list: reuse it)."""
+    if not Path(artefact).exists():
+        return ["missing"]
+    return differences(read_record(artefact), wanted)
+
+
+def fresh_checkpoints(checkpoints: Path, wanted: dict, say=print) -> None:
+    """Keep ``checkpoints/`` only if it was made from ``wanted``; else discard it (never resume other inputs)."""
+    import shutil
+
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        why = stale(checkpoints, wanted)
+        if why:
+            say(f"[mmart] discarding {checkpoints} (made from other inputs: {'; '.join(why)}); starting over")
+            shutil.rmtree(checkpoints)
+    write_record(checkpoints, wanted)

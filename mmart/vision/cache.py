@@ -7,10 +7,10 @@ Planning is deterministic, so every process derives the same plan from the same 
 state: the artworks not yet in a valid shard, in catalog order, cut into ``shard_size``
 chunks that take the smallest free shard indices. Every image is hashed first (sha256 of
 its bytes); a shard holding an artwork whose image changed since it was encoded is
-discarded and its artworks encoded again, so a kept row always matches today's image. Process ``r`` of ``n`` encodes chunks
-``r, r+n, ...``; batches never straddle a shard, so a shard's bytes do not depend on which
-process encoded it, nor on whether an earlier run was killed. The main process writes
-the manifest once every process is done.
+discarded and its artworks encoded again, so a kept row always matches today's image.
+Process ``r`` of ``n`` encodes chunks ``r, r+n, ...``; batches never straddle a shard, so a
+shard's bytes do not depend on which process encoded it, nor on whether an earlier run was
+killed. The main process writes the manifest once every process is done.
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ def read_shard(path: Path, data: bytes | None = None) -> tuple[dict[str, Any], t
     if not isinstance(ids, list) or emb.shape[0] != len(ids):
         raise ValueError("row count differs from the shard's artwork ids")
     if not isinstance(shas, list) or len(shas) != len(ids):
-        raise ValueError("no image sha256 per row (built by an older mmart); its artworks are encoded again")
+        raise ValueError("no image sha256 per row (built by an older mmart)")
     return meta, emb
 
 
@@ -172,7 +172,9 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
         raise CacheError(f"{path} is not valid JSON ({e}); rebuild with `mmart cache build`") from e
     problem = _manifest_problem(manifest)
     if problem:
-        raise CacheError(f"{path} {problem}; run `mmart cache build` on this folder to rewrite it (valid shards are kept)")
+        fix = ("re-encode it" if isinstance(manifest, dict) and manifest.get("version") != VERSION
+               else "rewrite it (valid shards are kept)")
+        raise CacheError(f"{path} {problem}; run `mmart cache build` on this folder to {fix}")
     return manifest
 
 

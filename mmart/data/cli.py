@@ -18,7 +18,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--config", default="configs/world/default.yaml", help="world preset YAML (tiny, default, paper)")
-    p.add_argument("--out", required=True, help="dataset folder to write (created; its images/ is replaced)")
+    p.add_argument("--out", required=True,
+                   help="dataset folder to write: new, empty, or a world mmart wrote before (its tables and images/ "
+                        "are replaced); any other folder is refused unless --force")
+    p.add_argument("--force", action="store_true",
+                   help="write into --out even though it is not empty and holds no world_summary.json "
+                        "(its images/ folder is deleted)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override config fields, e.g. --set num_titles=50 seed=3")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -30,9 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "validate",
         help="check a dataset folder against the data contract",
         description=(
-            "Check every rule of the data contract (DATA.md section 1): schema, unique ids, foreign keys, "
-            ">= 2 artworks per title, propensities in (0, 1], image paths inside the folder, history older "
-            "than impressions, no member-title pair in two splits. Lists every problem with its file, row "
+            "Check every rule of the data contract (docs/data.md): schema, unique ids, foreign keys, "
+            ">= 2 artworks per title, propensities in (0, 1], image paths inside the folder and naming regular "
+            "files, history older than impressions, no member-title pair in two splits, played train impressions "
+            "and test impressions present. Lists every problem with its file, row "
             "key and fix; exits 1 if any."
         ),
     )
@@ -45,6 +51,7 @@ def _world(args: argparse.Namespace) -> int:
     from mmart.data.world import WorldConfig, generate_world
 
     cfg = load_config(WorldConfig, args.config, args.set)
+    _check_out(args.out, args.force)
     if args.reuse and _same_world(cfg, args.out):
         print(f"{args.out}: up to date (generated from the same config); pass no --reuse to regenerate")
         return 0
@@ -53,6 +60,22 @@ def _world(args: argparse.Namespace) -> int:
     print(json.dumps(shown, indent=2))
     print(f"wrote {args.out} (tables, images/, oracle.parquet, world_summary.json, contact_sheet.png)")
     return 0
+
+
+def _check_out(out: str, force: bool) -> None:
+    """Refuse to overwrite a folder that is not an mmart world: generating replaces its images/ and tables."""
+    from pathlib import Path
+
+    from mmart.errors import UserError
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; pass a folder for the world")
+    if force or not path.is_dir() or (path / "world_summary.json").is_file() or not any(path.iterdir()):
+        return
+    raise UserError(f"--out {out} is not empty and is not a world written by mmart (no world_summary.json); "
+                    "writing the world there would delete its images/ and replace its tables. Choose a new or empty "
+                    "folder, or pass --force to write into it anyway")
 
 
 def _same_world(cfg, out: str) -> bool:

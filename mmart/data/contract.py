@@ -9,7 +9,10 @@ and the fix, because a user repairing an export wants the whole list at once.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
+import os
+import stat
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -90,34 +93,96 @@ class Contract:
         return cache[table]
 
     def artwork_images(self):
-        """The artworks table with an ``image`` column decoded lazily by ``datasets.Image``.
+        """The artworks table with an ``image`` column (PIL RGB), decoded lazily on access.
 
-        Paths are resolved inside the dataset folder (an escaping path raises ContractError).
+        Decoded by mmart's one image opener (regular files only, within the cache's byte and
+        pixel limits); a path that escapes the folder raises ContractError, a bad image
+        ``mmart.vision.images.ImageRefused``, each naming the file.
         """
-        import datasets
+        from mmart.vision.images import open_rgb
 
-        paths = [str(self.image_path(p)) for p in self.artworks["path"]]
-        return self.artworks.add_column("image", paths).cast_column("image", datasets.Image())
+        def decode(batch: dict[str, list]) -> dict[str, list]:
+            return {**batch, "image": [open_rgb(self.image_path(p)) for p in batch["path"]]}
+
+        return self.artworks.with_transform(decode)
 
     def image_path(self, relative: str) -> Path:
-        """Resolve an artwork path inside the dataset folder; refuse anything that escapes it."""
-        path = resolve_inside(self.root, relative)
-        if path is None:
+        """Resolve an artwork path inside the dataset folder; refuse anything that escapes it (or cannot be a path)."""
+        found = locate(os.path.realpath(self.root), relative)
+        if found.path is None:
             raise ContractError(
-                [Problem("paths", "artworks.parquet", relative, "path escapes the dataset folder",
+                [Problem("paths", "artworks.parquet", short(str(relative)), found.problem or "unusable path",
                          "use a path relative to the dataset folder, e.g. images/<artwork_id>.png")],
                 self.root,
             )
-        return path
+        return found.path
+
+
+# Longest path (bytes) and file-name component Linux file systems accept (PATH_MAX - 1, NAME_MAX).
+MAX_PATH_BYTES = 4095
+MAX_NAME_BYTES = 255
+
+
+@dataclasses.dataclass(frozen=True)
+class Located:
+    """Where an artwork path points: ``path`` (resolved, inside the folder) and what is wrong with it, if anything.
+
+    ``path`` is None when the path cannot be used at all (absolute, escaping, NUL byte, too
+    long, a symlink loop); a missing file or a non-file keeps its ``path`` and names the problem.
+    """
+
+    path: Path | None
+    problem: str | None
+
+
+def locate(real_root: str, relative: Any) -> Located:
+    """Resolve ``relative`` inside the already-resolved ``real_root``; never raises on a bad path.
+
+    One rule for the contract, the cache and the review: relative, inside the folder after
+    following links, and (to be an image) a regular file, so a FIFO or device is never opened.
+    """
+    if not isinstance(relative, str) or not relative:
+        return Located(None, "path is empty or not a string")
+    if "\x00" in relative:
+        return Located(None, "path contains a NUL byte")
+    if os.path.isabs(relative):
+        return Located(None, "path is absolute or escapes the dataset folder")
+    raw = relative.encode("utf-8", "surrogateescape")
+    if len(raw) > MAX_PATH_BYTES or any(len(part) > MAX_NAME_BYTES for part in raw.split(b"/")):
+        return Located(None, f"path is too long ({len(relative)} characters; file systems allow "
+                             f"{MAX_PATH_BYTES + 1} bytes, {MAX_NAME_BYTES} per name)")
+    joined = os.path.join(real_root, relative)
+    try:
+        real, missing = os.path.realpath(joined, strict=True), False
+    except (FileNotFoundError, NotADirectoryError):
+        real, missing = os.path.realpath(joined), True
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return Located(None, "path is a symlink loop")
+        return Located(None, f"path cannot be resolved ({e.strerror or e})")
+    if not real.startswith(real_root + os.sep):
+        return Located(None, "path is absolute or escapes the dataset folder")
+    if missing:
+        return Located(Path(real), "file does not exist")
+    try:
+        mode = os.stat(real).st_mode
+    except OSError as e:
+        return Located(Path(real), f"file cannot be read ({e.strerror or e})")
+    if stat.S_ISDIR(mode):
+        return Located(Path(real), "path is a directory, not an image")
+    if not stat.S_ISREG(mode):
+        return Located(Path(real), "not a regular file (a FIFO, socket or device is never opened as an image)")
+    return Located(Path(real), None)
+
+
+def short(text: str, limit: int = 80) -> str:
+    """``text`` quoted for a one-line message, cut (with its length) when it is long."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def resolve_inside(root: Path, relative: str) -> Path | None:
-    """``root/relative`` if it is relative and stays inside ``root`` after resolving links, else None."""
-    if not relative or Path(relative).is_absolute():
-        return None
-    root = Path(root).resolve()
-    path = (root / relative).resolve()
-    return path if path.is_relative_to(root) else None
+    """``root/relative`` if it is relative and stays inside ``root`` after resolving links, else None (never raises)."""
+    return locate(os.path.realpath(root), relative).path
 
 
 def _read_table(root: Path, name: str, problems: list[Problem]):
@@ -126,7 +191,7 @@ def _read_table(root: Path, name: str, problems: list[Problem]):
     path = root / f"{name}.parquet"
     if not path.is_file():
         problems.append(Problem("tables", f"{name}.parquet", "-", "file is missing",
-                                f"write {name}.parquet into {root} (see DATA.md, section 1)"))
+                                f"write {name}.parquet into {root} (see docs/data.md)"))
         return None
     try:
         table = pq.read_table(path)
@@ -218,8 +283,17 @@ def _check_types(c: _Collector, name: str, df: pd.DataFrame) -> None:
                       f"store {col} as {kind}" + ("" if optional else " (it is required, so no nulls)"))
 
 
+def _as_int(v: Any) -> int | None:
+    """An integer value (Python or numpy) as int; None for anything else (strings, floats, NaN, bools)."""
+    if isinstance(v, bool) or (hasattr(v, "dtype") and v.dtype.kind == "b"):
+        return None
+    if isinstance(v, int) or (hasattr(v, "dtype") and v.dtype.kind in "iu"):
+        return int(v)
+    return None
+
+
 def validate_contract(contract: Contract) -> list[Problem]:
-    """Check every rule of DATA.md section 1 on a loaded contract."""
+    """Check every rule of the data contract (docs/data.md) on a loaded contract."""
     c = _Collector()
     titles, artworks = contract.frame("titles"), contract.frame("artworks")
     users, imps = contract.frame("users"), contract.frame("impressions")
@@ -309,22 +383,27 @@ def validate_contract(contract: Contract) -> list[Problem]:
             c.add("schema", "impressions.parquet", f"impression_id={iid}", f"split {s!r} is not one of {list(SPLITS)}",
                   "assign each member-title pair to train, val or test")
 
-    # Image paths: relative, inside the folder, present.
+    # Image paths: relative, inside the folder, a regular file.
+    real_root = os.path.realpath(contract.root)
     for aid, rel in zip(artworks["artwork_id"], artworks["path"]):
         if not isinstance(rel, str):
+            continue  # reported by the schema check
+        problem = locate(real_root, rel).problem
+        if problem is None:
             continue
-        path = resolve_inside(contract.root, rel)
-        if path is None:
-            c.add("paths", "artworks.parquet", f"artwork_id={aid}", f"path {rel!r} is absolute or escapes the dataset folder",
-                  "store paths relative to the dataset folder, e.g. images/<artwork_id>.png")
-        elif not path.is_file():
-            c.add("paths", "artworks.parquet", f"artwork_id={aid}", f"image {rel!r} does not exist",
+        if problem == "file does not exist":
+            c.add("paths", "artworks.parquet", f"artwork_id={aid}", f"image {short(rel)} does not exist",
                   "copy the image into the dataset folder or fix the path")
+        else:
+            c.add("paths", "artworks.parquet", f"artwork_id={aid}", f"path {short(rel)}: {problem}",
+                  "store paths relative to the dataset folder, e.g. images/<artwork_id>.png, each naming an image file")
 
     # No leakage from the future: the member's history is older than every impression it conditions.
     first_imp: dict[str, tuple[int, str]] = {}
     for uid, ts, iid in zip(imps["user_id"], imps["timestamp"], imps["impression_id"]):
-        ts = int(ts)
+        ts = _as_int(ts)
+        if ts is None:
+            continue  # reported by the schema check
         if uid not in first_imp or ts < first_imp[uid][0]:
             first_imp[uid] = (ts, iid)
     for uid, (hts, hkey) in last_history.items():
@@ -332,6 +411,18 @@ def validate_contract(contract: Contract) -> list[Problem]:
             c.add("leakage", "users.parquet", hkey,
                   f"history event at {hts} is not older than impression {first_imp[uid][1]} at {first_imp[uid][0]}",
                   "keep in history only events before the member's first impression (later plays belong in impressions)")
+
+    # Something to train on and something to evaluate: SFT needs played train impressions, eval needs test ones.
+    split_of = imps["split"]
+    played = imps["played"].map(lambda v: v is True or (hasattr(v, "dtype") and v.dtype.kind == "b" and bool(v)))
+    if not (played & (split_of == "train")).any():
+        n = int((split_of == "train").sum())
+        c.add("splits", "impressions.parquet", "split=train",
+              f"the train split has no played impressions ({n} impression(s), none played): nothing to train on",
+              "log impressions with played=true and assign some member-title pairs to train")
+    if not (split_of == "test").any():
+        c.add("splits", "impressions.parquet", "split=test", "the test split has no impressions: nothing to evaluate on",
+              "assign some member-title pairs to test")
 
     # No member-title pair in more than one split.
     pair_splits = imps.groupby(["user_id", "title_id"])["split"].agg(lambda s: sorted(set(s)))

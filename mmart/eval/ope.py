@@ -4,6 +4,12 @@ Inputs are 1-D arrays over logged decisions: ``reward`` (e.g. played, 0/1), ``pr
 (the logging policy's probability of the logged action, in (0, 1]) and ``target_prob``
 (the evaluated policy's probability of that same logged action, in [0, 1]). Each function
 returns the estimate as a float.
+
+Inputs must be finite (a NaN or infinite reward, propensity or model prediction is refused
+with the index), and ``clip`` must be positive. An estimate that cannot be made is NaN, not
+a number that looks like one: SNIPS when the evaluated policy gives zero probability to
+every logged action (no overlap: sum of weights 0, as obp's SNIPS returns). Callers that
+bootstrap it get a NaN interval, which the report prints as ``nan``.
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ def _arrays(**named) -> dict[str, np.ndarray]:
         a = np.asarray(value, dtype=float)
         if a.ndim != 1:
             raise UserError(f"{name} must be a 1-D array, got shape {a.shape}")
-        if np.isnan(a).any():
-            raise UserError(f"{name} contains NaN at index {int(np.flatnonzero(np.isnan(a))[0])}")
+        if not np.isfinite(a).all():
+            i = int(np.flatnonzero(~np.isfinite(a))[0])
+            raise UserError(f"{name} contains {'NaN' if np.isnan(a[i]) else a[i]} at index {i}; "
+                            "every value must be a finite number")
         if n is None:
             n = len(a)
         elif len(a) != n:
@@ -42,8 +50,16 @@ def _arrays(**named) -> dict[str, np.ndarray]:
     return out
 
 
+def _check_clip(clip: float | None) -> None:
+    if clip is None:
+        return
+    if isinstance(clip, bool) or not isinstance(clip, (int, float, np.integer, np.floating)) or not clip > 0:
+        raise UserError(f"clip must be a positive number (the largest importance weight kept) or None, got {clip!r}")
+
+
 def importance_weights(propensity, target_prob, clip: float | None = None) -> np.ndarray:
-    """pi(a) / p, optionally clipped at ``clip`` (trades variance for bias)."""
+    """pi(a) / p, optionally clipped at ``clip`` > 0 (trades variance for bias)."""
+    _check_clip(clip)
     a = _arrays(propensity=propensity, target_prob=target_prob)
     w = a["target_prob"] / a["propensity"]
     return np.minimum(w, clip) if clip is not None else w
@@ -59,13 +75,17 @@ def ips(reward, propensity, target_prob, clip: float | None = None) -> float:
 
 
 def snips(reward, propensity, target_prob, clip: float | None = None) -> float:
-    """Self-normalised IPS: sum(r * w) / sum(w); 0 when the policy never takes a logged action."""
+    """Self-normalised IPS: sum(r * w) / sum(w).
+
+    NaN when sum(w) is 0: the evaluated policy never takes a logged action (no overlap), so
+    the logs say nothing about its value. 0.0 would claim it never gets played.
+    """
     r = _arrays(reward=reward)["reward"]
     w = importance_weights(propensity, target_prob, clip)
     if len(r) != len(w):
         raise UserError(f"arrays must have equal lengths, got reward={len(r)}, propensity={len(w)}")
     total = w.sum()
-    return float((r * w).sum() / total) if total > 0 else 0.0
+    return float((r * w).sum() / total) if total > 0 else float("nan")
 
 
 def dr(reward, propensity, target_prob, q_logged, q_target, clip: float | None = None) -> float:

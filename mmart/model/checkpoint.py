@@ -180,10 +180,18 @@ def save_chooser(model: nn.Module, tokenizer, out_dir: str | Path, base_model: s
 
 
 def read_spec(path: str | Path) -> ChooserSpec:
+    """The chooser's spec; a missing, truncated or malformed ``mmart_chooser.json`` is one UserError naming it."""
     file = Path(path) / CHOOSER_FILE
     if not file.is_file():
         raise UserError(f"{path} is not a saved mmart chooser (no {CHOOSER_FILE}); train one or pass its folder")
-    return ChooserSpec.from_dict(json.loads(file.read_text()))
+    try:
+        data = json.loads(file.read_text())
+        if not isinstance(data, dict):
+            raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+        return ChooserSpec.from_dict(data)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError, ValueError, AttributeError) as e:
+        raise UserError(f"{file} is damaged or not a chooser spec ({type(e).__name__}: {e}); the save was cut off "
+                        "or the file was edited: retrain or re-export the model into that folder") from None
 
 
 def load_chooser(

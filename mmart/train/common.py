@@ -180,11 +180,57 @@ def trainable_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def checkpoint_gap(folder: Path) -> str | None:
+    """What a Trainer checkpoint folder lacks to be resumed from, or None when it is complete.
+
+    ``Trainer._save_checkpoint`` writes the weights (model or adapter), then the optimizer and
+    scheduler states, and ``trainer_state.json`` last; a save cut off part-way lacks one of
+    them, or holds a trainer state that is not whole JSON.
+    """
+    from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME, TRAINER_STATE_NAME
+    from transformers.utils import (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME,
+                                    SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME)
+
+    weights = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME,
+               ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)
+    if not any((folder / w).is_file() for w in weights):
+        return "no model or adapter weights"
+    if not any((folder / o).is_file() for o in (OPTIMIZER_NAME, OPTIMIZER_NAME_BIN)):
+        return f"no optimizer state ({OPTIMIZER_NAME})"
+    if not (folder / SCHEDULER_NAME).is_file():
+        return f"no scheduler state ({SCHEDULER_NAME})"
+    try:
+        json.loads((folder / TRAINER_STATE_NAME).read_text())
+    except FileNotFoundError:
+        return f"no {TRAINER_STATE_NAME}"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"{TRAINER_STATE_NAME} is not whole JSON"
+    return None
+
+
 def last_checkpoint(out_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest COMPLETE checkpoint under ``out_dir/checkpoints`` (None if there is none).
+
+    A newer one cut off mid-save (a kill while writing) is skipped with one line naming it,
+    so the rerun resumes from the last whole save instead of failing on the partial one.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     folder = out_dir / "checkpoints"
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if not folder.is_dir():
+        return None
+    steps = []
+    for path in folder.iterdir():
+        prefix, _, step = path.name.partition("-")
+        if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit() and path.is_dir():
+            steps.append((int(step), path))
+    for _, path in sorted(steps, reverse=True):
+        gap = checkpoint_gap(path)
+        if gap is None:
+            return str(path)
+        print(f"[mmart] skipping incomplete checkpoint {path} ({gap}; a save cut off part-way); "
+              "resuming from the newest complete one")
+    return None
 
 
 def save_curves(log_history: list[dict], path: Path, keys: tuple[str, ...]) -> Path | None:

@@ -5,10 +5,12 @@ Run as: ``mmart cache build --vision configs/vision/default.yaml --data data/wor
 
 Planning is deterministic, so every process derives the same plan from the same disk
 state: the artworks not yet in a valid shard, in catalog order, cut into ``shard_size``
-chunks that take the smallest free shard indices. Process ``r`` of ``n`` encodes chunks
-``r, r+n, ...``; batches never straddle a shard, so a shard's bytes do not depend on which
-process encoded it, nor on whether an earlier run was killed. The main process writes
-the manifest once every process is done.
+chunks that take the smallest free shard indices. Every image is hashed first (sha256 of
+its bytes); a shard holding an artwork whose image changed since it was encoded is
+discarded and its artworks encoded again, so a kept row always matches today's image.
+Process ``r`` of ``n`` encodes chunks ``r, r+n, ...``; batches never straddle a shard, so a
+shard's bytes do not depend on which process encoded it, nor on whether an earlier run was
+killed. The main process writes the manifest once every process is done.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch
 
 from mmart.errors import UserError
 from mmart.vision.config import CacheConfig, VisionConfig
-from mmart.vision.images import ArtworkImages, ArtworkItem, BadImage, catalog_items, collate, keep_freed_memory
+from mmart.vision.images import (ArtworkImages, ArtworkItem, BadImage, ImageRefused, catalog_items, collate,
+                                 image_fingerprint, keep_freed_memory)
 from mmart.vision.store import (DTYPES, MANIFEST, CacheError, ShardInfo, manifest_for, read_manifest, scan_shards,
                                 shard_name, write_manifest, write_shard)
 from mmart.vision.tower import (Tower, encode_images, fingerprint_differences, fingerprint_sha, load_tower,
@@ -105,22 +108,73 @@ def _all(state: Any, value: Any) -> list[Any]:
     return gather_object([value]) if state.num_processes > 1 else [value]
 
 
-def _prepare_dir(cache_dir: Path, fp: dict[str, Any], fp_sha: str, overwrite: bool) -> str | None:
-    """Main process only: clean temp files, refuse (or with ``overwrite`` clear) another tower's cache."""
+def _stale_tmp(path: Path) -> bool:
+    """A ``*.tmp-PID`` file whose writer is gone (a killed build); a live concurrent build's file is left alone."""
+    try:
+        pid = int(path.name.rsplit(".tmp-", 1)[1])
+    except (IndexError, ValueError):
+        return True
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def hash_images(items: Sequence[ArtworkItem], state: Any) -> dict[str, tuple[str, list[int]]]:
+    """artwork id -> (sha256 of its image file, [size, mtime_ns]) for every readable image; processes split the work.
+
+    Unreadable images are left out: the encode pass reports them with their reason.
+    """
+    mine = {}
+    for it in items[state.process_index::state.num_processes]:
+        if it.path is None:
+            continue
+        try:
+            mine[it.artwork_id] = image_fingerprint(it.path)
+        except ImageRefused:
+            continue
+    return {a: v for part in _all(state, mine) for a, v in part.items()}
+
+
+def _stale_shards(shards: list[ShardInfo], current: dict[str, tuple[str, list[int]]],
+                  catalog: set[str]) -> list[tuple[ShardInfo, list[str]]]:
+    """Shards holding an artwork of the catalog whose image is not the one encoded (changed or now unreadable)."""
+    out = []
+    for s in shards:
+        changed = [a for a, h in zip(s.artwork_ids, s.image_sha256)
+                   if a in catalog and (a not in current or current[a][0] != h)]
+        if changed:
+            out.append((s, changed))
+    return out
+
+
+def _prepare_dir(cache_dir: Path, fp: dict[str, Any], fp_sha: str, overwrite: bool,
+                 current: dict[str, tuple[str, list[int]]], catalog: set[str]) -> str | None:
+    """Main process only: clean temp files and stale shards, refuse (or with ``overwrite`` clear) another tower's cache."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     for tmp in cache_dir.glob("*.tmp-*"):  # left by a killed build: never a complete file
-        tmp.unlink(missing_ok=True)
+        if _stale_tmp(tmp):
+            tmp.unlink(missing_ok=True)
     if overwrite:
         (cache_dir / MANIFEST).unlink(missing_ok=True)
         for shard in cache_dir.glob("shard-*.safetensors"):
-            shard.unlink()
+            shard.unlink(missing_ok=True)
         return None
     shards, invalid = scan_shards(cache_dir)
     for name, problem in invalid:  # a shard that fails its own hash is re-encoded, not trusted
         print(f"cache: discarding {name} ({problem}); its artworks will be encoded again")
-        (cache_dir / name).unlink()
+        (cache_dir / name).unlink(missing_ok=True)
     foreign = [s for s in shards if s.fingerprint_sha != fp_sha]
     if not foreign:
+        for s, changed in _stale_shards(shards, current, catalog):
+            print(f"cache: discarding {s.file}: {len(changed)} of its artworks' images changed since it was built "
+                  f"(e.g. {changed[0]}); its {len(s.artwork_ids)} artworks will be encoded again")
+            (cache_dir / s.file).unlink(missing_ok=True)
         return None
     try:
         diffs = fingerprint_differences(read_manifest(cache_dir)["fingerprint"], fp)
@@ -169,7 +223,9 @@ def build_cache(data_dir: str | Path, cache_dir: str | Path, vision: VisionConfi
     fp = cache_fingerprint(tower, cache)
     fp_sha = fingerprint_sha(fp)
 
-    problem = _prepare_dir(cache_dir, fp, fp_sha, overwrite) if state.is_main_process else None
+    current = hash_images(items, state)
+    catalog = {it.artwork_id for it in items}
+    problem = _prepare_dir(cache_dir, fp, fp_sha, overwrite, current, catalog) if state.is_main_process else None
     problem = next((p for p in _all(state, problem) if p), None)
     if problem:
         raise CacheError(problem)
@@ -196,7 +252,7 @@ def build_cache(data_dir: str | Path, cache_dir: str | Path, vision: VisionConfi
         shards, _ = scan_shards(cache_dir)
         dim = _dim_of(cache_dir, shards) if shards else 0
         manifest = manifest_for(cache_dir, shards, fp, fp_sha, cache.dtype, cache.tokens_per_artwork, dim,
-                                [dataclasses.asdict(b) for b in all_bad], str(data_dir))
+                                [dataclasses.asdict(b) for b in all_bad], str(data_dir), current)
         write_manifest(cache_dir, manifest)
         rows = manifest["shape"][0]
     state.wait_for_everyone()
@@ -235,6 +291,7 @@ def _encode_shards(mine: list[tuple[int, list[ArtworkItem]]], cache_dir: Path, t
     failing, written, encoded = False, 0, 0
     buf_emb: list[torch.Tensor] = []
     buf_ids: list[str] = []
+    buf_sha: list[str] = []  # sha256 of the bytes each vector was computed from
     bar = tqdm(total=len(flat), unit="img", desc=f"cache build [{state.process_index}/{state.num_processes}]",
                disable=not progress)
     for (index, _, last), batch in zip(batches, loader):
@@ -251,13 +308,14 @@ def _encode_shards(mine: list[tuple[int, list[ArtworkItem]]], cache_dir: Path, t
                 emb = encode_images(model, x, cache.tokens_per_artwork, cache.normalize)
             buf_emb.append(emb.to(store_dtype))  # stays on the device until its shard is written: no per-batch sync
             buf_ids += [flat[p].artwork_id for p in batch["positions"]]
+            buf_sha += batch["sha256"]
         if last:
             if not failing and buf_ids:
-                write_shard(cache_dir / shard_name(index), torch.cat(buf_emb), buf_ids, fp_sha)
+                write_shard(cache_dir / shard_name(index), torch.cat(buf_emb), buf_ids, buf_sha, fp_sha)
                 written, encoded = written + 1, encoded + len(buf_ids)
                 if on_shard_written is not None:
                     on_shard_written(index)
-            buf_emb, buf_ids = [], []
+            buf_emb, buf_ids, buf_sha = [], [], []
         bar.update(len(batch["positions"]) + len(batch["bad"]))
     bar.close()
     return bad, written, encoded

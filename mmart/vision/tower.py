@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
 from mmart.errors import UserError
 from mmart.vision.config import VisionConfig
@@ -76,7 +77,23 @@ def _normalize_preprocess(pp: dict[str, Any]) -> dict[str, Any]:
     return dict(sorted(pp.items()))
 
 
+def _weights_kind(path: Path) -> str:
+    """``safetensors``, ``numpy`` (.npz/.npy, read without pickle) or what else the file looks like."""
+    if path.suffix in (".npz", ".npy"):
+        return "numpy"
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "safetensors"
+    if head.startswith(b"PK"):
+        return "torch zip archive (pickle inside)"
+    if head[:1] == b"\x80":
+        return "pickle"
+    return "file of unknown format"
+
+
 def _checkpoint_path(cfg: VisionConfig) -> Path | None:
+    """The local tower checkpoint, if any: it must exist and be safetensors (mmart never unpickles weights)."""
     if not cfg.checkpoint:
         return None
     if "{output_dir}" in cfg.checkpoint:
@@ -88,6 +105,14 @@ def _checkpoint_path(cfg: VisionConfig) -> Path | None:
                 if "adapt" in path.name or cfg.model.startswith("mmart-") else "")
         raise UserError(f"vision checkpoint {path} does not exist.{hint} Or set vision.checkpoint=null "
                         f"for a (seeded) random tower.")
+    kind = _weights_kind(path)
+    if kind not in ("safetensors", "numpy"):
+        out = path.with_suffix(".safetensors")
+        raise UserError(
+            f"vision checkpoint {path} is not safetensors (it is a {kind}); mmart never unpickles weights. Convert "
+            f"it once, where you trust the file: python -c \"import torch; from safetensors.torch import save_file; "
+            f"sd = torch.load('{path}', weights_only=True); save_file(sd.get('state_dict', sd), '{out}')\" "
+            f"then set vision.checkpoint={out}")
     return path
 
 
@@ -160,7 +185,7 @@ def load_tower(cfg: VisionConfig, device: str | torch.device = "cpu") -> Tower:
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 cfg.model, pretrained=cfg.pretrained or (str(ckpt) if ckpt else None), **_preprocess_overrides(cfg))
-        except RuntimeError as e:  # open_clip raises RuntimeError for failed downloads and bad state dicts
+        except (RuntimeError, SafetensorError) as e:  # failed downloads, bad state dicts, damaged safetensors
             raise UserError(f"could not load open_clip tower {cfg.model!r} "
                             f"({'tag ' + cfg.pretrained if cfg.pretrained else ckpt or 'random init'}): {e}") from e
     actual = _normalize_preprocess(model.visual.preprocess_cfg)

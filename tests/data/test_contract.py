@@ -178,3 +178,77 @@ def test_artwork_images_decode_through_datasets(tiny_world):
     first = images[0]
     assert first["image"].size == (96, 128)
     assert first["artwork_id"] == "t0000_a0"
+
+
+# --- Issue 12 (items 7, 8, 9): nothing to train or evaluate on, and inputs that used to traceback ---------------
+
+
+@pytest.mark.parametrize("keep, rule_text", [
+    (lambda d: d.iloc[0:0], "train split has no played impressions"),
+    (lambda d: d.assign(played=False), "train split has no played impressions"),
+    (lambda d: d[d.split != "test"], "test split has no impressions"),
+])
+def test_splits_with_nothing_to_train_or_evaluate_on(world_copy, keep, rule_text, capsys):
+    from mmart.cli import main
+
+    edit(world_copy, "impressions", keep)
+    problems = only(validate(world_copy), "splits")
+    assert any(rule_text in p.message for p in problems)
+    assert main(["validate", str(world_copy)]) == 1
+    assert rule_text in capsys.readouterr().err
+
+
+def test_empty_impressions_table_lists_both_splits(world_copy):
+    edit(world_copy, "impressions", lambda d: d.iloc[0:0])
+    keys = {p.key for p in only(validate(world_copy), "splits")}
+    assert keys == {"split=train", "split=test"}
+
+
+def _symlink_loop(world: Path) -> str:
+    (world / "images" / "loop_a.png").symlink_to("loop_b.png")
+    (world / "images" / "loop_b.png").symlink_to("loop_a.png")
+    return "images/loop_a.png"
+
+
+def _fifo(world: Path) -> str:
+    import os
+
+    os.mkfifo(world / "images" / "fifo.png")
+    return "images/fifo.png"
+
+
+@pytest.mark.parametrize("make_path, message", [
+    (lambda w: "images/t0000\x00_a0.png", "NUL byte"),
+    (_symlink_loop, "symlink loop"),
+    (lambda w: "images/" + "x" * 4993 + ".png", "too long (5004 characters"),
+    (lambda w: "/".join(["images"] + ["d"] * 2100) + "/a.png", "too long"),
+    (_fifo, "not a regular file"),
+    (lambda w: "images", "directory"),
+])
+def test_unusable_paths_are_problems_not_tracebacks(world_copy, make_path, message, capsys):
+    """Reported with the reason; the ones that cannot be a path at all are refused by ``image_path`` too."""
+    from mmart.cli import main
+
+    path = make_path(world_copy)
+    edit(world_copy, "artworks", lambda d: d.assign(path=d.path.where(d.index != 0, path)))
+    (p,) = only(validate(world_copy), "paths")
+    assert p.key == "artwork_id=t0000_a0" and message in p.message and len(str(p)) < 400
+    assert main(["validate", str(world_copy)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    contract = load_contract(world_copy, check=False)
+    if message in ("not a regular file", "directory"):  # a path, just not an image: the image opener refuses it
+        assert contract.image_path(path).name in ("fifo.png", "images")
+    else:  # what review and the cache ask: a clear refusal, never ValueError/OSError
+        with pytest.raises(ContractError, match=message.split(" (")[0]):
+            contract.image_path(path)
+
+
+@pytest.mark.parametrize("retype", [
+    lambda t: t.astype(str).where(t.index != 4, "yesterday"),  # a string column, one not even a number
+    lambda t: t.astype(float).where(t.index != 4, float("nan")),  # a float column with a NaN
+])
+def test_timestamp_of_the_wrong_type_is_a_problem(world_copy, retype):
+    edit(world_copy, "impressions", lambda d: d.assign(timestamp=retype(d.timestamp)))
+    problems = only(validate(world_copy), "schema")
+    assert any("'timestamp'" in p.message and p.file == "impressions.parquet" for p in problems)

@@ -22,7 +22,15 @@ def test_ips_by_hand():
 
 def test_snips_by_hand():
     assert snips(R, P, PI) == pytest.approx(4.0 / 4.5)
-    assert snips([1, 1], [0.5, 0.5], [0, 0]) == 0.0
+
+
+def test_snips_without_overlap_cannot_be_estimated():
+    """The policy never takes a logged action: the logs say nothing about it (NaN, as obp), not 0.0."""
+    assert np.isnan(snips([1, 1], [0.5, 0.5], [0, 0]))
+    assert ips([1, 1], [0.5, 0.5], [0, 0]) == 0.0  # IPS is defined (and biased) here
+    # Bootstrapping it gives an interval that says so too, and does not crash.
+    est = bootstrap(lambda i: snips(np.ones(4)[i], np.full(4, 0.5)[i], np.zeros(4)[i]), np.arange(4), n_boot=20)
+    assert np.isnan([est.value, est.low, est.high]).all()
 
 
 def test_dr_by_hand():
@@ -55,6 +63,11 @@ def test_ess():
     (dict(reward=[1, 0], propensity=[0.5, 1.2], target_prob=[1, 1]), "propensity must be in"),
     (dict(reward=[1, 0], propensity=[0.5, 0.5], target_prob=[1, 1.5]), r"target_prob must be in \[0, 1\]"),
     (dict(reward=[1, float("nan")], propensity=[0.5, 0.5], target_prob=[1, 1]), "reward contains NaN at index 1"),
+    (dict(reward=[1, float("inf")], propensity=[0.5, 0.5], target_prob=[1, 1]), "reward contains inf at index 1"),
+    (dict(reward=[-float("inf"), 0], propensity=[0.5, 0.5], target_prob=[1, 1]), "reward contains -inf at index 0"),
+    (dict(reward=[1, 0], propensity=[0.5, 0.5], target_prob=[1, 1], clip=-1.0), "clip must be a positive number"),
+    (dict(reward=[1, 0], propensity=[0.5, 0.5], target_prob=[1, 1], clip=0), "clip must be a positive number"),
+    (dict(reward=[1, 0], propensity=[0.5, 0.5], target_prob=[1, 1], clip=float("nan")), "clip must be"),
     (dict(reward=[], propensity=[], target_prob=[]), "empty"),
     (dict(reward=[[1]], propensity=[[0.5]], target_prob=[[1]]), "1-D"),
 ])
@@ -62,6 +75,15 @@ def test_validation(kwargs, match):
     for fn in (ips, snips):
         with pytest.raises(UserError, match=match):
             fn(**kwargs)
+
+
+def test_dr_refuses_infinite_model_predictions_and_negative_clip():
+    with pytest.raises(UserError, match="q_target contains inf at index 0"):
+        dr([1, 0], [0.5, 0.5], [1, 1], [0.5, 0.5], [float("inf"), 0.5])
+    with pytest.raises(UserError, match="clip must be a positive number"):
+        dr([1, 0], [0.5, 0.5], [1, 1], [0.5, 0.5], [0.5, 0.5], clip=-0.5)
+    with pytest.raises(UserError, match="clip must be a positive number"):
+        effective_sample_size([0.5, 0.5], [1, 1], clip=-2)
 
 
 def test_bootstrap_coverage_on_a_known_mean():

@@ -54,7 +54,8 @@ def test_killed_build_resumes_to_identical_bytes(tiny_world, tmp_path, tower, vi
                     on_shard_written=kill_after_two)
     part = tmp_path / "part"
     assert not (part / "manifest.json").exists() and len(_shards(part)) == 2
-    (part / "shard-00002.safetensors.tmp-999").write_bytes(b"half a shard")  # what a kill mid-write leaves
+    # What a kill mid-write leaves (the writer's pid, here one past the largest pid Linux allows: surely gone).
+    (part / f"shard-00002.safetensors.tmp-{(1 << 22) + 1}").write_bytes(b"half a shard")
     r = build_cache(tiny_world, part, vision_cfg, cache_cfg, tower=tower, progress=False)
     assert (r.encoded, r.kept) == (72 - 32, 32)
     assert not list(part.glob("*.tmp-*"))
@@ -116,3 +117,20 @@ def test_checksum_corruption_is_detected_and_repaired(tiny_world, tmp_path, towe
     assert r.encoded == 16 and verify_cache(tmp_path / "c") == []  # only the corrupt shard re-encoded
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert [s["rows"] for s in manifest["shards"]] == [16, 16, 16, 16, 8]
+
+
+def test_a_live_concurrent_builds_temp_file_is_left_alone(tiny_world, tmp_path, tower, vision_cfg, cache_cfg):
+    """Only a dead writer's temp file is cleaned: deleting a live one would make that build's rename fail."""
+    import subprocess
+    import sys
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        build_cache(tiny_world, tmp_path / "c", vision_cfg, cache_cfg, tower=tower, progress=False)
+        tmp = tmp_path / "c" / f"shard-00009.safetensors.tmp-{live.pid}"
+        tmp.write_bytes(b"being written")
+        again = build_cache(tiny_world, tmp_path / "c", vision_cfg, cache_cfg, tower=tower, progress=False)
+        assert again.encoded == 0 and tmp.read_bytes() == b"being written"
+    finally:
+        live.kill()
+        live.wait()

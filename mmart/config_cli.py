@@ -50,7 +50,9 @@ def _run(args: argparse.Namespace) -> int:
     if not args.config:
         raise UserError("name a pipeline config, e.g. `mmart config configs/default.yaml` (or use --fields)")
     cfg = load_config(PipelineConfig, args.config, args.set)
-    data = {**to_dict(cfg), "cache_dir": cfg.cache_dir}  # derived: where the embedding cache lives
+    data = to_dict(cfg)
+    if args.get is not None:  # derived values a script may ask for (never in the dump, which must load again)
+        data = {**data, "cache_dir": cfg.cache_dir, "vision_checkpoint": cfg.tower.checkpoint}
     key = args.section or args.get
     if key:
         for part in key.split("."):

@@ -43,5 +43,10 @@ def bootstrap(statistic: Callable[[np.ndarray], float], groups: np.ndarray, n_bo
         offset = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
         stats[b] = statistic(order[np.repeat(start[pick], n) + offset])
     alpha = (1 - level) / 2
-    low, high = np.quantile(stats, [alpha, 1 - alpha])
+    # A resample where the statistic is undefined (SNIPS with no overlap: NaN) is left out, not allowed
+    # to make the whole interval NaN; all of them undefined gives NaN, said as such by the report.
+    defined = stats[np.isfinite(stats)]
+    if not len(defined):
+        return Estimate(point, float("nan"), float("nan"))
+    low, high = np.quantile(defined, [alpha, 1 - alpha])
     return Estimate(point, float(low), float(high))

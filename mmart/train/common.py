@@ -41,6 +41,7 @@ def load_inputs(cfg: PipelineConfig, data_dir: str | None = None, check: bool = 
         from mmart.vision.store import ArtworkCache
 
         cache = ArtworkCache.load(cfg.cache_dir, device(), expect=cfg.tower if expect_tower else None,
+                                  data_dir=data_dir or cfg.data_dir,
                                   tokens_per_artwork=cfg.cache.tokens_per_artwork)
     return StageInputs(contract, ExampleBuilder(contract, cfg.prompt), cache)
 

@@ -107,6 +107,15 @@ class SFTStageConfig:
 class DPOStageConfig:
     method: Literal["fast", "trl"] = field(default="fast", metadata={
         "help": "fast = one shared forward scores every candidate letter; trl = TRL's DPOTrainer (all loss variants)."})
+    pairs: Literal["logged", "teacher"] = field(default="logged", metadata={
+        "help": "Where preference pairs come from. logged = the played artwork over the shown-and-not-played ones "
+                "(else over the others), one noisy play each; teacher = on every logged decision of the drawn "
+                "members, the teacher's top candidate over each candidate it ranks at least teacher_margin lower "
+                "(logit of P(play)): denoised pairs on decisions SFT did not see."})
+    teacher: Literal["reward_model", "taste"] = field(default="taste", metadata={
+        "help": "The teacher that ranks candidates for pairs: teacher (mmart.eval.teacher)."})
+    teacher_margin: float = field(default=0.5, metadata={
+        "help": "pairs: teacher: a candidate is rejected when its logit P(play) is at least this far below the top's."})
     beta: float = 0.1
     loss_type: str = field(default="sigmoid", metadata={"help": "fast: sigmoid or robust; trl: any TRL loss_type."})
     label_smoothing: float = 0.0
@@ -129,6 +138,7 @@ class DPOStageConfig:
     def __post_init__(self) -> None:
         _check_stage(self)
         positive(self, "beta")
+        at_least(self, 0, "teacher_margin")
         not_empty(self, "loss_type")
         within(self, "label_smoothing", 0, 0.5, hi_open=True)  # robust DPO divides by 1 - 2 * smoothing
 

@@ -77,6 +77,47 @@ def merged_sft(sft_model_dir: Path) -> Path:
     return merged
 
 
+def teacher_pairs(examples: list, teacher, margin: float) -> list:
+    """Each decision's teacher-top candidate as chosen, and as rejected every candidate whose logit P(play) is at
+    least ``margin`` below it; decisions with nothing that far below are dropped."""
+    import numpy as np
+
+    out = []
+    for ex in examples:
+        q = np.clip(teacher.predict([ex.user_id] * len(ex.candidates), ex.candidates), 1e-6, 1 - 1e-6)
+        z = np.log(q) - np.log1p(-q)
+        top = int(z.argmax())
+        rejected = [k for k in range(len(z)) if z[top] - z[k] >= margin]
+        if rejected:
+            ex.answer, ex.rejected = top, rejected
+            out.append(ex)
+    return out
+
+
+def dpo_examples(cfg: PipelineConfig, inputs) -> list:
+    """DPO's decisions (``dpo.pairs``), drawn member by member (``dpo.seed``) up to ``dpo.max_examples``, from
+    the members SFT did not train on (all members when those are too few)."""
+    from mmart.train.sft import sft_examples
+
+    d, b = cfg.dpo, inputs.builder
+    seen = {b.prefix_key(ex) for ex in sft_examples(cfg, b)}
+
+    def unseen(pool: list) -> list:
+        rest = [ex for ex in pool if b.prefix_key(ex) not in seen]
+        return rest if len(rest) >= d.max_examples > 0 else pool
+
+    if d.pairs == "logged":
+        return subsample(unseen(b.preference_examples("train")), d.max_examples, d.seed, group=b.prefix_key)
+    from mmart.eval.teacher import fit_teacher
+
+    teacher = fit_teacher(inputs.contract, kind=d.teacher, split="train")
+    pool = unseen(b.pair_examples("train", labels=True))
+    kept = teacher_pairs(pool, teacher, d.teacher_margin)
+    print(f"[mmart dpo] teacher pairs ({d.teacher}, margin {d.teacher_margin}): {len(kept)} of {len(pool)} decisions "
+          "have a candidate that far below the top")
+    return subsample(kept, d.max_examples, d.seed, group=b.prefix_key)
+
+
 def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_dir: str | Path | None = None) -> Path:
     out = Path(out_dir or f"{cfg.output_dir}/dpo")
     sft_dir = Path(sft_model_dir or f"{cfg.output_dir}/sft/model")
@@ -99,8 +140,7 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
     if inputs.cache is not None:
         set_artwork_cache(model, inputs.cache.embeddings)
     d = cfg.dpo
-    examples = subsample(inputs.builder.preference_examples("train"), d.max_examples, d.seed,
-                         group=inputs.builder.prefix_key)
+    examples = dpo_examples(cfg, inputs)
     rows = decision_rows(encoder_for(inputs, model, tokenizer), examples, cache_rows(inputs.cache),
                          d.pack_titles if d.method == "fast" else 1, desc="encode dpo")
     if freeze_projector_if_zero_lr(model, d.projector_lr):

@@ -87,8 +87,8 @@ def collate_rows(rows: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str,
     Returns ``input_ids``, ``segment_ids`` (``PAD_SEGMENT`` on padding), ``position_ids``,
     ``attention_mask`` ``[B, L]``; ``artwork_ids`` ``[B, M]`` (-1 pad); ``score_positions`` and
     ``answer_ids`` ``[B, D, K]`` (0 / -1 pad); ``decision_mask`` ``[B, D]``; and when the rows carry
-    them: ``chosen`` ``[B, D]`` (-1 = no label), ``rejected_mask`` ``[B, D, K]``, ``target_probs``
-    ``[B, D, K]``, ``weight`` ``[B, D]``.
+    them: ``chosen`` ``[B, D]`` (-1 = no label), ``rejected_mask`` ``[B, D, K]``, ``target_probs`` and
+    ``true_p`` ``[B, D, K]``, ``weight`` ``[B, D]``.
     """
     out = {
         "input_ids": pad_2d([r["input_ids"] for r in rows], pad_token_id, torch.long),
@@ -111,8 +111,9 @@ def collate_rows(rows: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str,
                     raise ValueError(f"row {i} decision {j}: the chosen candidate is also listed as rejected")
                 mask[i, j, list(rej)] = True
         out["rejected_mask"] = mask
-    if "target_probs" in rows[0]:
-        out["target_probs"] = pad_3d([r["target_probs"] for r in rows], 0.0, torch.float32)
+    for name in ("target_probs", "true_p"):  # per candidate: a teacher's distribution, the true P(play)
+        if name in rows[0]:
+            out[name] = pad_3d([r[name] for r in rows], 0.0, torch.float32)
     if "weight" in rows[0]:
         out["weight"] = pad_2d([r["weight"] for r in rows], 0.0, torch.float32)
     return out

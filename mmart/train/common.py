@@ -84,13 +84,24 @@ def use_bf16(setting: bool | str | None, what: str = "") -> bool:
     return on
 
 
-def report_to() -> str:
-    """TensorBoard when it is installed, else nothing (logs still reach trainer_state.json)."""
-    return "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
+def report_to(setting: str) -> list[str]:
+    """``report_to`` as TrainingArguments takes it, refusing (one line) a tracker that is not installed."""
+    from mmart.errors import UserError
+
+    trackers = [t.strip() for t in setting.split(",") if t.strip() and t.strip() != "none"]
+    for t in trackers:
+        if t not in ("all",) and not importlib.util.find_spec({"trackio": "trackio", "tensorboard": "tensorboard",
+                                                               "wandb": "wandb", "mlflow": "mlflow"}.get(t, t)):
+            raise UserError(f"report_to={t!r}: {t} is not installed; install it (pip install -e '.[{t}]' for "
+                            "tensorboard or trackio) or set report_to: none")
+    return trackers or ["none"]
 
 
-def common_args(stage_cfg: Any, out_dir: Path, slots: bool = False, what: str = "training") -> dict[str, Any]:
+def common_args(stage_cfg: Any, out_dir: Path, slots: bool = False, what: str = "training",
+                evaluate: bool = False) -> dict[str, Any]:
     """TrainingArguments fields every stage sets the same way.
+
+    ``evaluate``: there is a val set; evaluate every ``eval_steps`` and at the end.
 
     ``slots``: prompts carry artwork slots, so every trainable weight (LoRA, the projector
     copy) takes part in every forward and DDP can skip its per-step search for unused ones
@@ -107,6 +118,10 @@ def common_args(stage_cfg: Any, out_dir: Path, slots: bool = False, what: str = 
         warmup_steps=stage_cfg.warmup_ratio,
         lr_scheduler_type="cosine",
         logging_steps=stage_cfg.logging_steps,
+        logging_first_step=True,  # a curve from the first step, even for a short run
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=stage_cfg.eval_steps if evaluate else None,
+        per_device_eval_batch_size=stage_cfg.batch_size,
         save_strategy="steps",
         save_steps=stage_cfg.save_steps,
         save_total_limit=2,
@@ -115,7 +130,7 @@ def common_args(stage_cfg: Any, out_dir: Path, slots: bool = False, what: str = 
         bf16=use_bf16(stage_cfg.bf16, what),
         use_cpu=not on_gpu,
         activation_checkpointing=stage_cfg.gradient_checkpointing,
-        report_to=report_to(),
+        report_to=report_to(stage_cfg.report_to),
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=False,
@@ -235,22 +250,31 @@ def last_checkpoint(out_dir: Path) -> str | None:
 
 
 def save_curves(log_history: list[dict], path: Path, keys: tuple[str, ...]) -> Path | None:
-    """A PNG of the training curves (loss, and for DPO the reward margin), beside the model."""
+    """A PNG of the training curves beside the model: one panel per metric, its val series (``eval_<key>``)
+    beside the training one, and the series as JSON (``curves.json``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = {k: [(h["step"], h[k]) for h in log_history if k in h and "step" in h] for k in keys}
-    series = {k: v for k, v in series.items() if v}
-    if not series:
+    def points(key: str) -> list[tuple[int, float]]:
+        return [(h["step"], h[key]) for h in log_history if key in h and "step" in h]
+
+    panels = {k: {"train": points(k), "val": points(f"eval_{k}")} for k in keys}
+    panels = {k: {s: v for s, v in d.items() if v} for k, d in panels.items()}
+    panels = {k: d for k, d in panels.items() if d}
+    if not panels:
         return None
-    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.2), squeeze=False)
-    for ax, (k, pts) in zip(axes[0], series.items()):
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
-        ax.set_title(k); ax.set_xlabel("step"); ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3), squeeze=False)
+    for ax, (k, series) in zip(axes[0], panels.items()):
+        for name, pts in series.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if name == "val" else ".",
+                    linestyle="--" if name == "val" else "-", label=name)
+        ax.set_title(k.replace("_", " ")); ax.set_xlabel("step"); ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    (path.with_suffix(".json")).write_text(json.dumps(series, indent=1))
+    (path.with_suffix(".json")).write_text(json.dumps(panels, indent=1))
     return path

@@ -86,9 +86,20 @@ class SFTStageConfig:
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps (resume point)."})
-    logging_steps: int = 5
+    logging_steps: float = field(default=0.05, metadata={
+        "help": "Log the training metrics every this many steps (< 1: this share of the run's steps, so a short run "
+                "still draws a curve); the first step is always logged."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory (GPU, big models)."})
     bf16: Bf16 = field(default="auto", metadata={"help": BF16_HELP})
+    report_to: str = field(default="none", metadata={
+        "help": "Where training metrics go besides trainer_state.json and curves.png, as TrainingArguments.report_to: "
+                "none, tensorboard, trackio, wandb, ... (comma-separated; install the tracker, e.g. "
+                "pip install -e '.[tensorboard]')."})
+    eval_examples: int = field(default=0, metadata={
+        "help": "Evaluate on this many val decisions (drawn member by member) during training: loss, choice accuracy "
+                "and, on the demo world, the true value of the val pairs (eval_true_value). 0 = no evaluation."})
+    eval_steps: float = field(default=0.34, metadata={
+        "help": "Evaluate every this many steps (< 1: this share of the run's steps); also at the end."})
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Any other trl.SFTConfig field."})
 
@@ -129,9 +140,20 @@ class DPOStageConfig:
     projector_lr: float = field(default=2e-4, metadata={"help": "0 = projector frozen (as SFT left it)."})
     warmup_ratio: float = 0.05
     save_steps: int = 50
-    logging_steps: int = 5
+    logging_steps: float = field(default=0.05, metadata={
+        "help": "Log the training metrics every this many steps (< 1: this share of the run's steps, so a short run "
+                "still draws a curve); the first step is always logged."})
     gradient_checkpointing: bool = False
     bf16: Bf16 = field(default="auto", metadata={"help": BF16_HELP})
+    report_to: str = field(default="none", metadata={
+        "help": "Where training metrics go besides trainer_state.json and curves.png, as TrainingArguments.report_to: "
+                "none, tensorboard, trackio, wandb, ... (comma-separated; install the tracker, e.g. "
+                "pip install -e '.[tensorboard]')."})
+    eval_examples: int = field(default=0, metadata={
+        "help": "Evaluate on this many val decisions (drawn member by member) during training: the DPO loss of logged val preferences, choice accuracy "
+                "and, on the demo world, the true value of the val pairs (eval_true_value). 0 = no evaluation."})
+    eval_steps: float = field(default=0.34, metadata={
+        "help": "Evaluate every this many steps (< 1: this share of the run's steps); also at the end."})
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Any other TrainingArguments / DPOConfig field."})
 
@@ -173,12 +195,15 @@ def _check_stage(cfg: "SFTStageConfig | DPOStageConfig") -> None:
     """What SFT and DPO share: sizes, rates and a warmup that transformers reads as a ratio."""
     at_least(cfg, 0, "max_examples")
     positive(cfg, "epochs")
-    at_least(cfg, 1, "batch_size", "grad_accum", "save_steps", "logging_steps")
+    at_least(cfg, 1, "batch_size", "grad_accum", "save_steps")
+    positive(cfg, "logging_steps")
     at_least(cfg, 0, "lr", "projector_lr")
     if cfg.lr == 0 and cfg.projector_lr == 0:
         raise FieldError("lr", cfg.lr, "> 0 when projector_lr is 0 (else nothing trains)")
     # Passed as TrainingArguments.warmup_steps, which reads a value below 1 as a ratio and 1+ as steps.
     within(cfg, "warmup_ratio", 0, 1, hi_open=True)
+    at_least(cfg, 0, "eval_examples")
+    positive(cfg, "eval_steps")
     seeds(cfg, "seed")
     bad = [k for k in cfg.extra if not isinstance(k, str)]
     if bad:
@@ -205,6 +230,8 @@ TRAINER_NAMES: dict[str, str] = {
     "activation_checkpointing": "gradient_checkpointing",  # transformers 5's name
     "gradient_checkpointing": "gradient_checkpointing",  # its deprecated alias
     "bf16": "bf16",
+    "report_to": "report_to",
+    "eval_steps": "eval_steps",
     "beta": "beta",
     "loss_type": "loss_type",
     "label_smoothing": "label_smoothing",

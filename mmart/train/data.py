@@ -8,6 +8,7 @@ so the training step only gathers rows from the device-resident cache tensor.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 from datasets import Dataset
@@ -89,12 +90,25 @@ def encode_decisions(encoder: PromptEncoder, examples: Sequence[Example], desc: 
     return [encoder.decision(ex) for ex in tqdm(examples, desc=desc, unit="ex", leave=False)]
 
 
+def oracle_play(data_dir: str | Path) -> Callable[[Example], list[float]] | None:
+    """The demo world's true P(play) of each candidate of a decision (``oracle.parquet``), or None elsewhere."""
+    import pandas as pd
+
+    path = Path(data_dir) / "oracle.parquet"
+    if not path.is_file():
+        return None
+    o = pd.read_parquet(path, columns=["user_id", "title_id", "artwork_id", "p_play"])
+    table = dict(zip(zip(o.user_id, o.title_id, o.artwork_id), o.p_play))
+    return lambda ex: [float(table.get((ex.user_id, ex.title_id, a), float("nan"))) for a in ex.candidates]
+
+
 def decision_rows(encoder: PromptEncoder, examples: Sequence[Example], rows_of: RowsOf, max_titles: int = 1,
                   teacher=None, teacher_temperature: float = 1.0, propensity_clip: float | None = None,
-                  desc: str = "encode") -> Dataset:
+                  desc: str = "encode", true_play: Callable[[Example], list[float]] | None = None) -> Dataset:
     """Rows of ``max_titles`` decisions sharing a member prefix (1 = one prompt per decision), with labels:
     ``chosen`` (index of the played candidate, -1 if none), ``rejected`` (indices), ``weight`` (importance
-    weight of the played label) and, with a ``teacher``, ``target_probs`` (its choice distribution)."""
+    weight of the played label), with a ``teacher`` ``target_probs`` (its choice distribution), and with
+    ``true_play`` (``oracle_play``) ``true_p``: each candidate's true P(play), for the val true value."""
     decisions = encode_decisions(encoder, examples, desc)
     fields: dict[str, list] = {
         "chosen": [-1 if ex.answer is None else ex.answer for ex in examples],
@@ -103,4 +117,6 @@ def decision_rows(encoder: PromptEncoder, examples: Sequence[Example], rows_of: 
     }
     if teacher is not None:
         fields["target_probs"] = [teacher_targets(teacher, ex, teacher_temperature) for ex in examples]
+    if true_play is not None:
+        fields["true_p"] = [true_play(ex) for ex in examples]
     return Dataset.from_list(pack_decisions(decisions, max_titles, rows_of, fields))

@@ -36,7 +36,7 @@ from mmart.train.common import (
     trainable_digest,
     trainer_config,
 )
-from mmart.train.data import cache_rows, decision_rows, subsample
+from mmart.train.data import cache_rows, decision_rows, oracle_play, subsample
 from mmart.train.dpo_fast import (
     FastDPOConfig,
     MultimodalDPOTrainer,
@@ -141,15 +141,21 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
         set_artwork_cache(model, inputs.cache.embeddings)
     d = cfg.dpo
     examples = dpo_examples(cfg, inputs)
-    rows = decision_rows(encoder_for(inputs, model, tokenizer), examples, cache_rows(inputs.cache),
-                         d.pack_titles if d.method == "fast" else 1, desc="encode dpo")
+    encoder, rows_of = encoder_for(inputs, model, tokenizer), cache_rows(inputs.cache)
+    pack = d.pack_titles if d.method == "fast" else 1
+    rows = decision_rows(encoder, examples, rows_of, pack, desc="encode dpo")
+    val = None
+    if d.eval_examples and d.method == "fast":  # held-out logged preferences (the val split)
+        pool = subsample(inputs.builder.preference_examples("val"), d.eval_examples, d.seed,
+                         group=inputs.builder.prefix_key)
+        val = decision_rows(encoder, pool, rows_of, pack, desc="encode val", true_play=oracle_play(cfg.data_dir))
     if freeze_projector_if_zero_lr(model, d.projector_lr):
         print("[mmart dpo] projector frozen (dpo.projector_lr = 0)")
-    shared = common_args(d, out, slots=cfg.prompt.artwork_input == "embeddings", what="dpo")
+    shared = common_args(d, out, slots=cfg.prompt.artwork_input == "embeddings", what="dpo", evaluate=val is not None)
     if d.method == "fast":
         args = trainer_config(FastDPOConfig, "dpo", d, shared, beta=d.beta, loss_type=d.loss_type,
                               label_smoothing=d.label_smoothing)
-        trainer = FastTrainer(model=model, args=args, train_dataset=rows,
+        trainer = FastTrainer(model=model, args=args, train_dataset=rows, eval_dataset=val,
                               data_collator=MultipleChoiceCollator(pad_token_id=tokenizer.pad_token_id))
         trainer.readout = inputs.builder.readout
     else:
@@ -165,6 +171,8 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
         print(f"[mmart dpo] resuming from {resume}")
     print(f"[mmart dpo] {len(examples)} preference examples in {len(rows)} rows ({d.method} path), beta {d.beta}")
     trainer.train(resume_from_checkpoint=resume)
+    if val is not None:
+        trainer.evaluate()  # the final model on val, for the curves
     print(f"[mmart dpo] rank {trainer.args.process_index} trainable weights sha256 {trainable_digest(trainer.model)}")
     model_dir = out / "model"
     if trainer.is_world_process_zero():
@@ -172,7 +180,7 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
         save_chooser(trainer.model, tokenizer, model_dir, base_model=os.path.relpath(base, model_dir.resolve()))
         (model_dir / "pipeline.yaml").write_text(_yaml(cfg))
         save_curves(trainer.state.log_history, model_dir / "curves.png",
-                    ("loss", "rewards/margins", "rewards/accuracies"))
+                    ("loss", "rewards/margins", "rewards/accuracies", "true_value", "learning_rate"))
         write_record(model_dir, made)
         print(f"[mmart dpo] saved {model_dir} in {time.perf_counter() - start:.0f}s")
     return model_dir

@@ -240,6 +240,11 @@ class MultipleChoiceDPOTrainer(Trainer):
         metrics["rewards/rejected"].append(out.rejected_rewards[mask].mean().item())
         metrics["rewards/margins"].append(margins.mean().item())
         metrics["rewards/accuracies"].append((margins > 0).float().mean().item())
+        if "true_p" in inputs:  # val on the demo world: the policy's greedy choice, valued by the truth
+            valid = inputs["decision_mask"] & (inputs["chosen"] >= 0)
+            choice = out.policy_logps.argmax(-1, keepdim=True)
+            metrics["true_value"].append(inputs["true_p"][valid].gather(-1, choice).mean().item())
+            metrics["choice_accuracy"].append((choice.squeeze(-1) == inputs["chosen"][valid]).float().mean().item())
         return (out.loss, out) if return_outputs else out.loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # type: ignore[override]

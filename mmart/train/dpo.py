@@ -23,7 +23,7 @@ from mmart.artefacts import fresh_checkpoints, made_from, model_fingerprint, sta
 from mmart.config import PipelineConfig
 from mmart.distributed import distributed_state
 from mmart.errors import UserError
-from mmart.model.checkpoint import add_lora, export_merged, load_chooser, lora_config, read_spec, save_chooser
+from mmart.model.checkpoint import add_lora, export_merged, load_chooser, lora_config, read_spec
 from mmart.model.chooser import set_artwork_cache
 from mmart.train.common import (
     ProjectorLRMixin,
@@ -44,6 +44,7 @@ from mmart.train.dpo_fast import (
     MultipleChoiceDPOTrainer,
     expand_to_pairs,
 )
+from mmart.train.saving import save_trained_chooser
 from mmart.train.sft import _yaml, encoder_for
 
 
@@ -133,7 +134,7 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
     with state.main_process_first():
         fresh_checkpoints(out / "checkpoints", made)  # resume only checkpoints of these very inputs
     inputs = load_inputs(cfg)
-    model, tokenizer, _ = load_chooser(base, device=device())
+    model, tokenizer, _ = load_chooser(base, dtype=cfg.model.dtype, device=device())
     torch.manual_seed(cfg.model.seed)
     m = cfg.model
     model = add_lora(model, lora_config(m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target))
@@ -175,10 +176,10 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
         trainer.evaluate()  # the final model on val, for the curves
     print(f"[mmart dpo] rank {trainer.args.process_index} trainable weights sha256 {trainable_digest(trainer.model)}")
     model_dir = out / "model"
+    # Relative, so the run folder can be moved or copied as a whole.
+    save_trained_chooser(trainer, tokenizer, model_dir, base_model=os.path.relpath(base, model_dir.resolve()),
+                         files={"pipeline.yaml": _yaml(cfg)})
     if trainer.is_world_process_zero():
-        # Relative, so the run folder can be moved or copied as a whole.
-        save_chooser(trainer.model, tokenizer, model_dir, base_model=os.path.relpath(base, model_dir.resolve()))
-        (model_dir / "pipeline.yaml").write_text(_yaml(cfg))
         save_curves(trainer.state.log_history, model_dir / "curves.png",
                     ("loss", "rewards/margins", "rewards/accuracies", "true_value", "learning_rate"))
         write_record(model_dir, made)

@@ -23,7 +23,6 @@ from mmart.config import PipelineConfig, to_dict
 from mmart.distributed import distributed_state
 from mmart.examples import PromptEncoder
 from mmart.artefacts import fresh_checkpoints, made_from, write_record
-from mmart.model.checkpoint import save_chooser
 from mmart.model.chooser import slots_per_artwork
 from mmart.model.packing import collate_rows
 from mmart.model.scoring import score_batch
@@ -39,6 +38,7 @@ from mmart.train.common import (
 )
 from mmart.train.data import cache_rows, decision_rows, oracle_play, subsample
 from mmart.train.init import build_model, ensure_init
+from mmart.train.saving import save_trained_chooser
 
 
 @dataclass
@@ -163,10 +163,8 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
         trainer.evaluate()  # the final model on val, for the curves
     rank = trainer.args.process_index
     print(f"[mmart sft] rank {rank} trainable weights sha256 {trainable_digest(trainer.model)}")
-    model_dir = out / "model"
+    model_dir = save_trained_chooser(trainer, tokenizer, out / "model", files={"pipeline.yaml": _yaml(cfg)})
     if trainer.is_world_process_zero():
-        save_chooser(trainer.model, tokenizer, model_dir)
-        (model_dir / "pipeline.yaml").write_text(_yaml(cfg))
         save_curves(trainer.state.log_history, model_dir / "curves.png",
                     ("loss", "choice_accuracy", "true_value", "teacher_ce", "learning_rate"))
         write_record(model_dir, made)

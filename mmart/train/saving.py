@@ -1,0 +1,113 @@
+"""Saving the trained chooser under every launch mode: gathered on every rank, written once, atomically.
+
+Under DDP and DeepSpeed ZeRO-2 every rank holds every weight. Under FSDP2 each parameter is
+a DTensor with 1/N of its rows on each rank; under ZeRO-3 each is an empty placeholder whose
+shard sits elsewhere (``ds_tensor``). Rank 0's local tensors are then slices (FSDP: the
+safetensors writer fails on their storage) or shape ``(0,)`` (ZeRO-3: an empty adapter that
+saves without error). So the weights a chooser folder needs (adapter, projector copies) are
+first gathered in full, by every rank together (the gathers are collectives), with the
+libraries' own means: ``DTensor.full_tensor`` for FSDP2, ``deepspeed.zero.GatheredParameters``
+for ZeRO-3. Only those are gathered, never the frozen base LLM (16 GB for an 8B model).
+
+The main process then writes the folder under a temporary name and renames it into place,
+so a crash never leaves a half-written ``model/`` that a rerun (or ``scripts/train.sh``'s
+"stage done" check on ``mmart_chooser.json``) would take for a finished one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmart.distributed import sharding_summary
+from mmart.model.checkpoint import save_chooser
+from mmart.model.chooser import PROJECTOR_ATTR
+
+
+def _is_zero3(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")  # DeepSpeed marks the parameters it partitions
+
+
+def gathered_weights(model: nn.Module, keep: Callable[[str, torch.Tensor], bool]) -> dict[str, torch.Tensor]:
+    """Full CPU copies of the parameters ``keep(name, param)`` selects, by ``named_parameters`` name.
+
+    A collective under FSDP2 and ZeRO-3: every rank must call it with the same model and
+    selection; every rank gets the full tensors.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if keep(n, p)]
+    if any(_is_zero3(p) for _, p in named):
+        import deepspeed
+
+        # modifier_rank=None: read-only; every rank sees the full tensors inside the block.
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            return {n: p.detach().to("cpu", copy=True) for n, p in named}
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for n, p in named:
+        t = p.detach()
+        out[n] = (t.full_tensor() if isinstance(t, DTensor) else t).to("cpu", copy=True)
+    return out
+
+
+def chooser_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a chooser folder holds, in full: the active adapter's weights and both projector copies
+    (trainable or not: ``projector_lr: 0`` freezes the adapter's copy, which is still saved)."""
+    adapter = getattr(model, "active_adapter", None)
+    marker = f".{adapter}." if isinstance(adapter, str) else None
+
+    def keep(name: str, param: torch.Tensor) -> bool:
+        return param.requires_grad or PROJECTOR_ATTR in name or (marker is not None and marker in name)
+
+    return gathered_weights(model, keep)
+
+
+def write_atomically(folder: Path, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` fills a temporary sibling folder, which then replaces ``folder`` (renames, same filesystem)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make a shared run folder unreadable to others
+        write(tmp)
+        if folder.exists():
+            old = tmp.with_name(tmp.name + "-old")
+            os.rename(folder, old)
+            os.rename(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def save_trained_chooser(trainer, tokenizer, model_dir: str | Path, base_model: str | None = None,
+                         files: Mapping[str, str] | None = None) -> Path:
+    """Save ``trainer``'s chooser into ``model_dir``: call on every rank (the gathers are collective).
+
+    ``base_model``: recorded instead of the model's own (DPO names its merged SFT base);
+    ``files``: extra text files (name -> content) written into the folder before it appears.
+    Returns once the folder is in place, on every rank.
+    """
+    model_dir = Path(model_dir)
+    accelerator = trainer.accelerator
+    model = accelerator.unwrap_model(trainer.model)
+    print(f"[mmart] rank {accelerator.process_index} saving {model_dir} from "
+          f"{sharding_summary(accelerator, model, trainer.model_wrapped)}", flush=True)
+    weights = chooser_weights(model)
+    if accelerator.is_main_process:
+        def write(tmp: Path) -> None:
+            save_chooser(model, tokenizer, tmp, base_model=base_model, weights=weights)
+            for name, text in (files or {}).items():
+                (tmp / name).write_text(text)
+
+        write_atomically(model_dir, write)
+    accelerator.wait_for_everyone()
+    return model_dir

@@ -113,7 +113,7 @@ def tiny_tokenizer(slot_token: str | None = SLOT_TOKEN) -> PreTrainedTokenizerFa
 
 def tiny_llm(arch: str = "llama", vocab_size: int = 320, seed: int = 0, **overrides: object) -> PreTrainedModel:
     """A random 2-layer, hidden-64 causal LM: ``llama`` (tied embeddings, like SmolLM2), ``qwen2`` (untied, biases)
-    or ``llama3`` (untied, Llama 3.1's rope scaling and special token ids; pass the tokenizer's ``vocab_size``)."""
+    or ``llama3`` (Llama 3.1's rope scaling and special token ids; pass the tokenizer's ``vocab_size``)."""
     from transformers import LlamaConfig, Qwen2Config
 
     common: dict[str, object] = dict(
@@ -134,7 +134,8 @@ def tiny_llm(arch: str = "llama", vocab_size: int = 320, seed: int = 0, **overri
         config = LlamaConfig(**{**common, "tie_word_embeddings": True, **overrides})
     elif arch == "llama3":
         llama3: dict[str, object] = dict(
-            tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128009, pad_token_id=128004,
+            # Tied, as in Llama 3.2 1B/3B (whose tokenizer this is): half the 128K-row weights to save and load.
+            tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128009, pad_token_id=128004,
             max_position_embeddings=131072,
             rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},

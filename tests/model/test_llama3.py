@@ -38,16 +38,16 @@ def home(tmp_path_factory):
 
 
 def test_llama3_tokenizer_letters_yes_eos_and_chat_template(home):
-    from mmart.examples import SCORE_TOKEN
-    from mmart.model.scoring import letter_token_ids
+    from mmart.model.readout import LetterReadout, PerCandidateReadout
     from mmart.model.testing import LLAMA3_EOS, llama3_tokenizer
 
     tok = llama3_tokenizer(home)
     assert len(tok) == LLAMA3_VOCAB + 1  # + the artwork slot token
     assert tok.convert_tokens_to_ids("<|image|>") == 128256 and tok.convert_tokens_to_ids("<artwork>") == 128257
-    letters = letter_token_ids(tok, 8)  # raises unless each of A-H is one token
-    assert len(set(letters.tolist())) == 8
-    assert len(tok.encode(SCORE_TOKEN, add_special_tokens=False)) == 1  # " yes": the per-candidate score token
+    letters = LetterReadout().read_token_ids(tok, 8)  # raises unless A-H are 8 distinct single tokens
+    assert [tok.decode([i]) for i in letters] == list("ABCDEFGH")
+    (yes,) = PerCandidateReadout().read_token_ids(tok, 1)  # raises unless " yes" is one token
+    assert tok.decode([yes]) == " yes"
     assert tok.eos_token == LLAMA3_EOS and tok.eos_token_id == 128009
 
     text = tok.apply_chat_template([{"role": "user", "content": "Which? A <artwork><artwork>"},
@@ -58,13 +58,13 @@ def test_llama3_tokenizer_letters_yes_eos_and_chat_template(home):
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
     assert ids.count(tok.convert_tokens_to_ids("<artwork>")) == 2  # one id per slot, never merged
-    assert ids[-2:] == [int(letters[0]), tok.eos_token_id]  # the answer letter, then <|eot_id|>
+    assert ids[-2:] == [letters[0], tok.eos_token_id]  # the answer letter, then <|eot_id|>
 
 
 @pytest.mark.slow
 def test_tiny_llama3_trains_letter_sft_and_dpo_and_predicts(home, tiny_world, tmp_path):
     from mmart.model.checkpoint import load_chooser, resolve_base_model
-    from mmart.model.scoring import letter_token_ids
+    from mmart.model.readout import LetterReadout
     from mmart.predict import predict
     from mmart.train.dpo import run_dpo
     from mmart.train.sft import run_sft
@@ -79,21 +79,21 @@ def test_tiny_llama3_trains_letter_sft_and_dpo_and_predicts(home, tiny_world, tm
     c = replace(c, cache=replace(c.cache, dir=c.cache_dir))
 
     resolve_base_model("tiny:llama3")  # built from the wheel's tokenizer into MMART_HOME
-    # What SFT trains on: the prompt ends at Llama 3.1's assistant header, the one labelled token is a letter.
-    from mmart.train.common import load_inputs
-    from mmart.train.data import cache_rows, sft_dataset, subsample
+    # What SFT trains on: each title block ends at Llama 3.1's assistant header, where the letters are read.
+    from mmart.examples import PromptEncoder
     from mmart.model.testing import llama3_tokenizer
+    from mmart.train.common import load_inputs
 
     tok = llama3_tokenizer(home)
     inputs = load_inputs(c)
-    rows = sft_dataset(inputs.builder, subsample(inputs.builder.choice_examples("train"), 4, 0), tok,
-                       cache_rows(inputs.cache))
-    header = tok.encode("<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False)
-    letters = set(letter_token_ids(tok, 8).tolist())
-    for row in rows:
-        target = [t for t in row["labels"] if t != -100]
-        assert len(target) == 1 and target[0] in letters
-        assert row["input_ids"][-1 - len(header):-1] == header
+    encoder = PromptEncoder(inputs.builder, tok, c.model.projector_tokens * c.cache.tokens_per_artwork)
+    header = tok.encode("<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False)
+    letters = LetterReadout().read_token_ids(tok, 8)
+    for ex in inputs.builder.choice_examples("train")[:4]:
+        decision = encoder.decision(ex)
+        assert decision.block.ids[-len(header):] == header
+        assert decision.read_ids == letters[:len(ex.candidates)]
+        assert decision.prefix.ids[0] == tok.bos_token_id
 
     dpo_dir = run_dpo(c, run_sft(c))
     model, tok, spec = load_chooser(dpo_dir)

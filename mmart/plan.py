@@ -113,6 +113,24 @@ class Launch:
                 "zero3": "DeepSpeed ZeRO-3"}[self.kind]
 
 
+def _deepspeed_fields(path: Path, ds: dict) -> dict:
+    """An accelerate config's DeepSpeed fields; from its ``deepspeed_config_file`` when it names one (relative to
+    the working directory, as accelerate reads it, else beside the accelerate config)."""
+    from mmart.errors import UserError
+
+    file = ds.get("deepspeed_config_file")
+    if not file:
+        return ds
+    found = Path(file) if Path(file).is_file() else path.parent / Path(file).name
+    try:
+        zero = json.loads(found.read_text()).get("zero_optimization") or {}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read its deepspeed_config_file {file} ({e})") from e
+    return {"zero_stage": zero.get("stage", 2),
+            "offload_param_device": (zero.get("offload_param") or {}).get("device", "none"),
+            "offload_optimizer_device": (zero.get("offload_optimizer") or {}).get("device", "none")}
+
+
 def read_launch(path: str | Path, gpus: int | None = None) -> Launch:
     """The accelerate config at ``path`` (read by accelerate's own loader), run on ``gpus`` ranks."""
     from accelerate.commands.config.config_args import ClusterConfig
@@ -142,7 +160,7 @@ def read_launch(path: str | Path, gpus: int | None = None) -> Launch:
         fsdp = cfg.fsdp_config or {}
         return Launch(str(path), "fsdp", ranks, mixed, offload_params=bool(fsdp.get("fsdp_offload_params", False)))
     if dist == "DEEPSPEED":
-        ds = cfg.deepspeed_config or {}
+        ds = _deepspeed_fields(Path(path), cfg.deepspeed_config or {})
         stage = int(ds.get("zero_stage", 2))
         if stage not in (2, 3):
             raise UserError(f"{path}: mmart plans DeepSpeed ZeRO stage 2 or 3, got zero_stage {stage}")

@@ -41,7 +41,7 @@ _CORPUS = [
     # per_candidate readout words: " yes" must be one token (it is read), " match" ends each candidate line.
     "Would they play it from each artwork (yes/no)? A: match yes B: match yes C: match no D: match yes",
 ]
-TINY_ARCHS = ("llama", "qwen2", "llama3")
+TINY_ARCHS = ("llama", "qwen2")  # around the tiny tokenizer; "llama3" needs Llama 3's (llama3_tokenizer)
 # Llama 3.1 Instruct's special tokens: each turn ends with <|eot_id|> (the chat eos), padding uses the
 # reserved <|finetune_right_pad_id|>, as Meta's fine-tuning recipes do.
 LLAMA3_BOS, LLAMA3_EOS, LLAMA3_PAD = "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>"
@@ -144,7 +144,7 @@ def tiny_llm(arch: str = "llama", vocab_size: int = 320, seed: int = 0, **overri
     elif arch == "qwen2":
         config = Qwen2Config(**{**common, "tie_word_embeddings": False, **overrides})
     else:
-        raise ValueError(f"tiny arch must be one of {TINY_ARCHS}, got {arch!r}")
+        raise ValueError(f"tiny arch must be one of {(*TINY_ARCHS, 'llama3')}, got {arch!r}")
     torch.manual_seed(seed)
     config._attn_implementation = "eager"
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()

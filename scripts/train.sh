@@ -56,10 +56,16 @@ stage() { echo; echo "=== [$(( SECONDS - start ))s] $*"; }
 kept() { echo; echo "=== [$(( SECONDS - start ))s] $1: up to date, kept ($2)"; }
 
 # 1. World: generate the demo dataset (tables, PNG artworks, oracle); seconds. Reused when unchanged.
-stage "world -> $DATA"
-mmart config "$CONFIG" --section world > "$OUT/world.yaml"
-if redo world; then REUSE=""; else REUSE="--reuse"; fi
-mmart world --config "$OUT/world.yaml" --out "$DATA" --no-progress $REUSE | tail -n 1
+#    A data_dir that `mmart world` did not write (your own catalog: no world_summary.json) is used as it is.
+if [ -d "$DATA" ] && [ ! -f "$DATA/world_summary.json" ] && [ -n "$(ls -A "$DATA")" ]; then
+  redo world || true   # --redo world: every later stage still reruns; your dataset is never overwritten
+  stage "world: $DATA is your own dataset (no world_summary.json), used as it is"
+else
+  stage "world -> $DATA"
+  mmart config "$CONFIG" --section world > "$OUT/world.yaml"
+  if redo world; then REUSE=""; else REUSE="--reuse"; fi
+  mmart world --config "$OUT/world.yaml" --out "$DATA" --no-progress $REUSE | tail -n 1
+fi
 
 # 2. Validate: every rule of the data contract (a real catalog goes through the same check).
 stage "validate $DATA"
@@ -130,7 +136,9 @@ mmart review --preds "$OUT/preds/dpo.parquet" --model "$OUT/dpo/model" --data "$
   --members 8 --split test
 
 stage "done in $(( SECONDS - start ))s"
-echo "world:   $DATA  (summary: $DATA/world_summary.json, contact sheet: $DATA/contact_sheet.png)"
+if [ -f "$DATA/world_summary.json" ]; then
+  echo "world:   $DATA  (summary: $DATA/world_summary.json, contact sheet: $DATA/contact_sheet.png)"
+else echo "data:    $DATA"; fi
 echo "cache:   $OUT/cache  (mmart cache info $OUT/cache)"
 echo "models:  $OUT/sft/model, $OUT/dpo/model  (curves.png beside each)"
 echo "report:  $OUT/eval/report.md"

@@ -22,7 +22,7 @@ Why the injection lives in a forward pre-hook on the inner decoder model
 ------------------------------------------------------------------------
 TRL's SFT and DPO trainers replace ``model.forward`` with a fused LM-head forward that
 calls the inner model (``model.model(**kwargs)``) directly; an injection written in the
-outer ``...ForCausalLM.forward`` would then be skipped without any error (NOTES.md). Every
+outer ``...ForCausalLM.forward`` would then be skipped without any error (docs/architecture.md). Every
 path (plain forward, ``generate``, PEFT, TRL's fused head) goes through the inner model's
 ``__call__``, so a pre-hook there sees ``input_ids`` and ``artwork_ids`` and swaps them for
 ``inputs_embeds`` with the projected vectors written at the slots (``masked_scatter``, as

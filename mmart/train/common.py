@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,10 @@ def common_args(stage_cfg: Any, out_dir: Path, slots: bool = False, what: str = 
     unused, so they keep the search.
     """
     on_gpu = torch.cuda.is_available()
+    bf16 = use_bf16(stage_cfg.bf16, what)
+    # The stage's choice wins over the launcher's: an accelerate config's `mixed_precision: bf16` reaches
+    # TrainingArguments through this variable, which TrainingArguments only overrides when bf16 is on.
+    os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if bf16 else "no"
     return dict(
         output_dir=str(out_dir / "checkpoints"),
         num_train_epochs=stage_cfg.epochs,
@@ -128,7 +133,7 @@ def common_args(stage_cfg: Any, out_dir: Path, slots: bool = False, what: str = 
         save_total_limit=2,
         seed=stage_cfg.seed,
         data_seed=stage_cfg.seed,
-        bf16=use_bf16(stage_cfg.bf16, what),
+        bf16=bf16,
         use_cpu=not on_gpu,
         activation_checkpointing=stage_cfg.gradient_checkpointing,
         report_to=report_to(stage_cfg.report_to),
@@ -147,6 +152,21 @@ def trainer_config(config_cls: type, section: str, stage_cfg: Any, shared: dict[
 
     check_extra(stage_cfg.extra, config_cls, trainer_settings(section, [*shared, *own]), f"{section}.extra")
     return config_cls(**shared, **own, **stage_cfg.extra)
+
+
+def across_ranks(accelerator, mean: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
+    """This rank's ``mean`` over its ``count`` items (decisions, pairs) as its share of the mean over all ranks' items.
+
+    DDP, FSDP and DeepSpeed average gradients over ranks, so each rank's loss counts equally: a rank
+    holding 3 pairs would weigh as much as one holding 30. Scaled by ``count * world / total count``,
+    the averaged gradient is that of the mean over every item of the step, as one process computes it.
+    """
+    world = accelerator.num_processes if accelerator is not None else 1
+    if world == 1:
+        return mean
+    local = torch.as_tensor(float(count), device=mean.device, dtype=torch.float32)
+    total = accelerator.reduce(local.clone(), reduction="sum")
+    return mean * (local * world / total.clamp(min=1.0)).to(mean.dtype)
 
 
 def freeze_projector_if_zero_lr(model: torch.nn.Module, projector_lr: float) -> bool:

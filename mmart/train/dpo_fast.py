@@ -48,6 +48,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from mmart.model.batching import pad_artwork_ids
 from mmart.model.packing import collate_rows
 from mmart.model.scoring import score_batch
+from mmart.train.common import across_ranks
 
 FAST_LOSS_TYPES = ("sigmoid", "robust")
 
@@ -233,6 +234,7 @@ class MultipleChoiceDPOTrainer(Trainer):
             ref_model=self.ref_model,
             readout=self.readout,
         )
+        loss = across_ranks(self.accelerator, out.loss, out.pair_mask.sum())  # ranks hold unequal pairs
         metrics = self._metrics["train" if model.training else "eval"]
         mask = out.pair_mask
         margins = (out.chosen_rewards.unsqueeze(-1) - out.rejected_rewards)[mask]
@@ -245,7 +247,7 @@ class MultipleChoiceDPOTrainer(Trainer):
             choice = out.policy_logps.argmax(-1, keepdim=True)
             metrics["true_value"].append(inputs["true_p"][valid].gather(-1, choice).mean().item())
             metrics["choice_accuracy"].append((choice.squeeze(-1) == inputs["chosen"][valid]).float().mean().item())
-        return (out.loss, out) if return_outputs else out.loss
+        return (loss, out) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # type: ignore[override]
         """Evaluation computes the DPO loss; the batch has no ``labels`` for Trainer's default path."""

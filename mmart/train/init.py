@@ -35,6 +35,10 @@ def build_model(cfg: PipelineConfig, cache=None, contract=None, init_dir: str | 
     torch.manual_seed(m.seed)
     model, tokenizer = build_chooser(m.base_model, cache.dim if cache is not None else 8, m.projector, m.dtype,
                                      m.attn_implementation, m.trust_remote_code, projector_tokens=m.projector_tokens)
+    from mmart.distributed import launched_mode
+
+    if launched_mode() == "ddp":  # FSDP / DeepSpeed place the (sharded) weights themselves
+        model.to(device())  # the LLM, the projector and (set below) the cache on one device from the start
     if cache is not None:
         projector = chooser_projector(model)
         if init_dir is not None:
@@ -45,14 +49,14 @@ def build_model(cfg: PipelineConfig, cache=None, contract=None, init_dir: str | 
             from mmart.train.align import align_projector, word_targets
 
             dev = device()
-            model.to(dev)  # the projector, the LLM's embeddings and the cache on one device
+            model.to(dev)  # stage 0 on the training device: the projector, the LLM's embeddings, the cache
             set_artwork_cache(model, cache.embeddings, dev)
             targets = word_targets(contract, cache.artwork_ids, tokenizer, model.get_input_embeddings(), m.projector_init,
                                    slots=m.projector_tokens)
             stats = align_projector(projector, cache.embeddings.to(dev), targets, m.projector_init_steps, seed=m.seed)
             print(f"[mmart] stage 0: projector aligned to the LLM's embeddings of artwork {m.projector_init} on {dev}: "
                   f"loss {stats['loss_first']:.3f} -> {stats['loss_last']:.3f} in {stats['seconds']:.1f}s", flush=True)
-        set_artwork_cache(model, cache.embeddings)
+        set_artwork_cache(model, cache.embeddings, device())  # loaded there once; never copied to another device
     return add_lora(model, lora_config(m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target)), tokenizer
 
 

@@ -28,6 +28,7 @@ from mmart.model.packing import collate_rows
 from mmart.model.scoring import score_batch
 from mmart.train.common import (
     ProjectorLRMixin,
+    across_ranks,
     common_args,
     freeze_projector_if_zero_lr,
     last_checkpoint,
@@ -91,6 +92,7 @@ class ArtworkSFTTrainer(ProjectorLRMixin, SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
         scores = score_batch(model, inputs, self.readout)  # [B, D, K]
         loss, metrics = choice_loss(scores, inputs, self.teacher_weight)
+        loss = across_ranks(self.accelerator, loss, inputs["decision_mask"].sum())  # ranks hold unequal decisions
         mode = "train" if model.training else "eval"
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)

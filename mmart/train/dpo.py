@@ -33,7 +33,7 @@ from mmart.train.common import (
     last_checkpoint,
     load_inputs,
     save_curves,
-    trainable_digest,
+    say_digest,
     trainer_config,
 )
 from mmart.train.data import cache_rows, decision_rows, oracle_play, subsample
@@ -44,7 +44,9 @@ from mmart.train.dpo_fast import (
     MultipleChoiceDPOTrainer,
     expand_to_pairs,
 )
-from mmart.train.saving import save_trained_chooser
+from mmart.log import say
+from mmart.model.card import write_model_card
+from mmart.train.saving import save_trained_chooser, training_facts
 from mmart.train.sft import _yaml, encoder_for
 
 
@@ -68,7 +70,7 @@ def merged_sft(sft_model_dir: Path) -> Path:
     wanted = {"stage": "merge", "inputs": {"sft": model_fingerprint(sft_model_dir)}}
     why = stale(merged, wanted)
     if why:
-        print(f"[mmart dpo] merging the SFT adapter into {merged} ({'; '.join(why)})")
+        say(f"[mmart dpo] merging the SFT adapter into {merged} ({'; '.join(why)})")
         tmp = merged.with_name(f".merged-tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         export_merged(sft_model_dir, tmp)
@@ -114,7 +116,7 @@ def dpo_examples(cfg: PipelineConfig, inputs) -> list:
     teacher = fit_teacher(inputs.contract, kind=d.teacher, split="train")
     pool = unseen(b.pair_examples("train", labels=True))
     kept = teacher_pairs(pool, teacher, d.teacher_margin)
-    print(f"[mmart dpo] teacher pairs ({d.teacher}, margin {d.teacher_margin}): {len(kept)} of {len(pool)} decisions "
+    say(f"[mmart dpo] teacher pairs ({d.teacher}, margin {d.teacher_margin}): {len(kept)} of {len(pool)} decisions "
           "have a candidate that far below the top")
     return subsample(kept, d.max_examples, d.seed, group=b.prefix_key)
 
@@ -151,7 +153,7 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
                          group=inputs.builder.prefix_key)
         val = decision_rows(encoder, pool, rows_of, pack, desc="encode val", true_play=oracle_play(cfg.data_dir))
     if freeze_projector_if_zero_lr(model, d.projector_lr):
-        print("[mmart dpo] projector frozen (dpo.projector_lr = 0)")
+        say("[mmart dpo] projector frozen (dpo.projector_lr = 0)")
     shared = common_args(d, out, slots=cfg.prompt.artwork_input == "embeddings", what="dpo", evaluate=val is not None)
     if d.method == "fast":
         args = trainer_config(FastDPOConfig, "dpo", d, shared, beta=d.beta, loss_type=d.loss_type,
@@ -169,19 +171,19 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
     trainer.projector_lr = d.projector_lr
     resume = last_checkpoint(out)
     if resume:
-        print(f"[mmart dpo] resuming from {resume}")
-    print(f"[mmart dpo] {len(examples)} preference examples in {len(rows)} rows ({d.method} path), beta {d.beta}")
+        say(f"[mmart dpo] resuming from {resume}")
+    say(f"[mmart dpo] {len(examples)} preference examples in {len(rows)} rows ({d.method} path), beta {d.beta}")
     trainer.train(resume_from_checkpoint=resume)
     if val is not None:
         trainer.evaluate()  # the final model on val, for the curves
-    print(f"[mmart dpo] rank {trainer.args.process_index} trainable weights sha256 {trainable_digest(trainer.model)}")
+    say_digest(trainer.model, "dpo")
     model_dir = out / "model"
-    # Relative, so the run folder can be moved or copied as a whole.
-    save_trained_chooser(trainer, tokenizer, model_dir, base_model=os.path.relpath(base, model_dir.resolve()),
-                         files={"pipeline.yaml": _yaml(cfg)})
+    # The DPO adapter stacked on the SFT one, on the SFT model's own base: the folder stands alone.
+    save_trained_chooser(trainer, tokenizer, model_dir, stacked_on=sft_dir, files={"pipeline.yaml": _yaml(cfg)})
     if trainer.is_world_process_zero():
         save_curves(trainer.state.log_history, model_dir / "curves.png",
                     ("loss", "rewards/margins", "rewards/accuracies", "true_value", "learning_rate"))
         write_record(model_dir, made)
-        print(f"[mmart dpo] saved {model_dir} in {time.perf_counter() - start:.0f}s")
+        write_model_card(model_dir, training_facts(trainer, len(examples), len(rows), time.perf_counter() - start))
+        say(f"[mmart dpo] saved {model_dir} in {time.perf_counter() - start:.0f}s")
     return model_dir

@@ -18,6 +18,8 @@ import torch
 from mmart.artefacts import made_from, stale, write_record
 from mmart.config import PipelineConfig, to_dict
 from mmart.model.checkpoint import PROJECTOR_FILE, add_lora, build_chooser, lora_config, resolve_base_model, save_chooser
+from mmart.log import say
+from mmart.model.card import write_model_card
 from mmart.model.chooser import chooser_projector, set_artwork_cache
 
 
@@ -54,8 +56,8 @@ def build_model(cfg: PipelineConfig, cache=None, contract=None, init_dir: str | 
             targets = word_targets(contract, cache.artwork_ids, tokenizer, model.get_input_embeddings(), m.projector_init,
                                    slots=m.projector_tokens)
             stats = align_projector(projector, cache.embeddings.to(dev), targets, m.projector_init_steps, seed=m.seed)
-            print(f"[mmart] stage 0: projector aligned to the LLM's embeddings of artwork {m.projector_init} on {dev}: "
-                  f"loss {stats['loss_first']:.3f} -> {stats['loss_last']:.3f} in {stats['seconds']:.1f}s", flush=True)
+            say(f"[mmart] stage 0: projector aligned to the LLM's embeddings of artwork {m.projector_init} on {dev}: "
+                f"loss {stats['loss_first']:.3f} -> {stats['loss_last']:.3f} in {stats['seconds']:.1f}s")
         set_artwork_cache(model, cache.embeddings, device())  # loaded there once; never copied to another device
     return add_lora(model, lora_config(m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target)), tokenizer
 
@@ -71,7 +73,8 @@ def run_init(cfg: PipelineConfig, inputs=None) -> Path:
     out = save_chooser(model, tokenizer, Path(cfg.output_dir) / "init" / "model")
     (out / "pipeline.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     write_record(out, made_from(cfg, "init"))
-    print(f"[mmart init] saved {out}")
+    write_model_card(out)
+    say(f"[mmart init] saved {out}")
     return out
 
 
@@ -90,6 +93,6 @@ def ensure_init(cfg: PipelineConfig, inputs=None) -> Path | None:
         if state.is_main_process:
             why = stale(folder, made_from(cfg, "init"))
             if why:
-                print(f"[mmart] init: {folder} {'; '.join(why)}; running stage 0 once", flush=True)
+                say(f"[mmart] init: {folder} {'; '.join(why)}; running stage 0 once")
                 run_init(cfg, inputs)
     return folder

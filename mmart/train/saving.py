@@ -93,26 +93,64 @@ def write_atomically(folder: Path, write: Callable[[Path], object]) -> Path:
     return folder
 
 
+def say_layout(accelerator, model_dir: Path, layout: str) -> None:
+    """One line from the main process on how the ranks hold the model being saved (``sharding_summary``):
+    ``... (all 2 ranks)`` when they agree, else one line per rank. A collective: call on every rank."""
+    from accelerate.utils import gather_object
+
+    from mmart.log import say
+
+    layouts = gather_object([layout]) if accelerator.num_processes > 1 else [layout]
+    if len(set(layouts)) == 1:
+        say(f"[mmart] saving {model_dir} from {layout} "
+            f"({'all ' + str(len(layouts)) + ' ranks' if len(layouts) > 1 else '1 process'})")
+    else:
+        for rank, line in enumerate(layouts):
+            say(f"[mmart] saving {model_dir} from {line} (rank {rank})")
+
+
 def save_trained_chooser(trainer, tokenizer, model_dir: str | Path, base_model: str | None = None,
-                         files: Mapping[str, str] | None = None) -> Path:
+                         files: Mapping[str, str] | None = None, stacked_on: str | Path | None = None) -> Path:
     """Save ``trainer``'s chooser into ``model_dir``: call on every rank (the gathers are collective).
 
-    ``base_model``: recorded instead of the model's own (DPO names its merged SFT base);
-    ``files``: extra text files (name -> content) written into the folder before it appears.
-    Returns once the folder is in place, on every rank.
+    ``base_model``: recorded instead of the model's own; ``stacked_on``: the chooser folder whose
+    merged model the trainer's adapter was trained on (DPO on SFT): the two adapters are stacked
+    into one on that folder's base (``mmart.model.checkpoint.stack_adapter``), so the saved folder
+    stands alone; ``files``: extra text files (name -> content) written into the folder before it
+    appears. Returns once the folder is in place, on every rank.
     """
+    from mmart.model.checkpoint import stack_adapter
+
     model_dir = Path(model_dir)
     accelerator = trainer.accelerator
     model = accelerator.unwrap_model(trainer.model)
-    print(f"[mmart] rank {accelerator.process_index} saving {model_dir} from "
-          f"{sharding_summary(accelerator, model, trainer.model_wrapped)}", flush=True)
+    say_layout(accelerator, model_dir, sharding_summary(accelerator, model, trainer.model_wrapped))
     weights = chooser_weights(model)
     if accelerator.is_main_process:
         def write(tmp: Path) -> None:
             save_chooser(model, tokenizer, tmp, base_model=base_model, weights=weights)
+            if stacked_on is not None:
+                stack_adapter(stacked_on, tmp)
             for name, text in (files or {}).items():
                 (tmp / name).write_text(text)
 
         write_atomically(model_dir, write)
     accelerator.wait_for_everyone()
     return model_dir
+
+
+def training_facts(trainer, decisions: int, rows: int, seconds: float | None = None) -> dict:
+    """What a model card says about a finished training run: its size and the last logged metrics
+    (training, and val when it was evaluated), from the trainer's log history."""
+    skip = {"epoch", "step", "learning_rate", "grad_norm", "decisions"}
+    history = trainer.state.log_history
+    train = next((h for h in reversed(history) if "loss" in h), {})
+    val = next((h for h in reversed(history) if any(k.startswith("eval_") for k in h)), {})
+    facts: dict = {"decisions": decisions, "rows": rows, "steps": trainer.state.global_step,
+                   "epochs": round(float(trainer.state.epoch or 0), 2)}
+    if seconds is not None:
+        facts["seconds"] = seconds
+    facts["train"] = {k: v for k, v in train.items() if k not in skip and isinstance(v, (int, float))}
+    facts["val"] = {k[len("eval_"):]: v for k, v in val.items() if k.startswith("eval_") and isinstance(v, (int, float))
+                    and not k.endswith(("_runtime", "_per_second")) and k != "eval_decisions"}
+    return facts

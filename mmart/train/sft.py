@@ -34,12 +34,14 @@ from mmart.train.common import (
     last_checkpoint,
     load_inputs,
     save_curves,
-    trainable_digest,
+    say_digest,
     trainer_config,
 )
 from mmart.train.data import cache_rows, decision_rows, oracle_play, subsample
 from mmart.train.init import build_model, ensure_init
-from mmart.train.saving import save_trained_chooser
+from mmart.log import say
+from mmart.model.card import write_model_card
+from mmart.train.saving import save_trained_chooser, training_facts
 
 
 @dataclass
@@ -130,10 +132,10 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
         from mmart.eval.teacher import fit_teacher
 
         teacher = fit_teacher(inputs.contract, kind=cfg.sft.teacher, split="train")
-        print(f"[mmart sft] teacher: {cfg.sft.teacher} (fit on the train logs), weight {cfg.sft.teacher_weight}, "
+        say(f"[mmart sft] teacher: {cfg.sft.teacher} (fit on the train logs), weight {cfg.sft.teacher_weight}, "
               f"temperature {cfg.sft.teacher_temperature}")
     elif cfg.sft.examples == "pairs":
-        print("[mmart sft] warning: sft.examples=pairs without a teacher learns only from the played pairs")
+        say("[mmart sft] warning: sft.examples=pairs without a teacher learns only from the played pairs")
     encoder, rows_of = encoder_for(inputs, model, tokenizer), cache_rows(inputs.cache)
     data = decision_rows(encoder, examples, rows_of, cfg.sft.pack_titles, teacher, cfg.sft.teacher_temperature,
                          cfg.sft.propensity_clip, desc="encode sft")
@@ -144,7 +146,7 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
                             rows_of, cfg.sft.pack_titles, teacher, cfg.sft.teacher_temperature, cfg.sft.propensity_clip,
                             desc="encode val", true_play=oracle_play(cfg.data_dir))
     if freeze_projector_if_zero_lr(model, cfg.sft.projector_lr):
-        print("[mmart sft] projector frozen (sft.projector_lr = 0): the slots keep their stage-0 word alignment")
+        say("[mmart sft] projector frozen (sft.projector_lr = 0): the slots keep their stage-0 word alignment")
     shared = common_args(cfg.sft, out, slots=cfg.prompt.artwork_input == "embeddings", what="sft",
                          evaluate=val is not None)
     args = trainer_config(SFTConfig, "sft", cfg.sft, shared, max_length=None, packing=False,
@@ -157,20 +159,20 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
     trainer.readout = inputs.builder.readout
     resume = last_checkpoint(out)
     if resume:
-        print(f"[mmart sft] resuming from {resume}")
-    print(f"[mmart sft] {len(examples)} decisions in {len(data)} rows (up to {cfg.sft.pack_titles} per member prefix), "
+        say(f"[mmart sft] resuming from {resume}")
+    say(f"[mmart sft] {len(examples)} decisions in {len(data)} rows (up to {cfg.sft.pack_titles} per member prefix), "
           f"{trainer.args.num_train_epochs} epoch(s), batch {cfg.sft.batch_size}x{cfg.sft.grad_accum} rows")
     trainer.train(resume_from_checkpoint=resume)
     if val is not None:
         trainer.evaluate()  # the final model on val, for the curves
-    rank = trainer.args.process_index
-    print(f"[mmart sft] rank {rank} trainable weights sha256 {trainable_digest(trainer.model)}")
+    say_digest(trainer.model, "sft")
     model_dir = save_trained_chooser(trainer, tokenizer, out / "model", files={"pipeline.yaml": _yaml(cfg)})
     if trainer.is_world_process_zero():
         save_curves(trainer.state.log_history, model_dir / "curves.png",
                     ("loss", "choice_accuracy", "true_value", "teacher_ce", "learning_rate"))
         write_record(model_dir, made)
-        print(f"[mmart sft] saved {model_dir} in {time.perf_counter() - start:.0f}s")
+        write_model_card(model_dir, training_facts(trainer, len(examples), len(data), time.perf_counter() - start))
+        say(f"[mmart sft] saved {model_dir} in {time.perf_counter() - start:.0f}s")
     return model_dir
 
 

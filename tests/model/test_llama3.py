@@ -97,7 +97,7 @@ def test_tiny_llama3_trains_letter_sft_and_dpo_and_predicts(home, tiny_world, tm
 
     dpo_dir = run_dpo(c, run_sft(c))
     model, tok, spec = load_chooser(dpo_dir)
-    assert spec.base_model.endswith("sft/merged")  # DPO trained on the merged SFT model
+    assert spec.base_model == "tiny:llama3"  # the SFT and DPO adapters stacked on the original base: no merged folder needed
     assert model.get_input_embeddings().weight.shape[0] == LLAMA3_VOCAB + 1
     assert tok.eos_token == "<|eot_id|>"
     trained = [p for n, p in model.named_parameters() if "lora_B" in n]

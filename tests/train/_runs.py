@@ -15,4 +15,10 @@ def with_out(c: PipelineConfig, out: Path) -> PipelineConfig:
 
 
 def digest_line(text: str, stage: str = "sft") -> dict[int, str]:
-    return {int(r): d for r, d in re.findall(rf"\[mmart {stage}\] rank (\d+) trainable weights sha256 (\w+)", text)}
+    """Rank -> the trainable weights' digest, from the stage's one gathered line (``(same on all N ranks)``
+    or ``(1 process)``); ranks that disagree raise in the stage instead of printing."""
+    found: dict[int, str] = {}
+    for digest, ranks in re.findall(rf"\[mmart {stage}\] trainable weights sha256 (\w+) \((?:same on all (\d+) ranks|1 process)\)",
+                                    text):
+        found.update({r: digest for r in range(int(ranks or 1))})
+    return found

@@ -81,7 +81,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-LAYOUT = re.compile(r"\[mmart\] rank (\d+) saving \S+?/(sft|dpo)/model from ([^:\[\n]+): (\d+) of (\d+) trainable tensors sharded")
+# One line when the ranks agree ("(all 2 ranks)", "(1 process)"), else one per rank ("(rank 1)").
+LAYOUT = re.compile(r"\[mmart\] saving \S+?/(sft|dpo)/model from ([^:\[\n]+): (\d+) of (\d+) trainable tensors sharded"
+                    r"[^(\n]*\((?:all (\d+) ranks|1 process|rank (\d+))\)")
 
 
 @dataclass
@@ -94,7 +96,12 @@ class Run:
 
     def layouts(self, stage: str) -> dict[int, tuple[str, int, int]]:
         """Per rank: the layout line the save printed (mode and wrapper, sharded and trainable tensor counts)."""
-        return {int(r): (what, int(s), int(n)) for r, st, what, s, n in LAYOUT.findall(self.log) if st == stage}
+        found = {}
+        for st, what, s, n, all_ranks, rank in LAYOUT.findall(self.log):
+            if st == stage:
+                ranks = range(int(all_ranks)) if all_ranks else [int(rank or 0)]
+                found.update({r: (what, int(s), int(n)) for r in ranks})
+        return found
 
     def predictions(self):
         """``mmart predict`` of the SFT model on 10 test pairs (computed once)."""

@@ -69,13 +69,14 @@ def test_sft_dpo_predict_eval(cfg, tmp_path):
     by_pair = preds.groupby(["user_id", "title_id"]).logging_policy.apply(lambda s: (s == "uniform").any())
     assert set(uniform.groupby(["user_id", "title_id"]).size().index) == set(by_pair[by_pair].index)
 
-    # The DPO reference (adapter disabled) is exactly the merged SFT model.
-    dpo_model, tok, _ = load_chooser(dpo_dir)
-    sft_model, _, _ = load_chooser(tmp_path / "sft" / "merged")
+    # DPO trained on the merged SFT model; its saved folder stacks both adapters on the SFT model's own base,
+    # so with the adapter off it is that base (not the merged SFT model) and it needs no other folder.
+    dpo_model, tok, dpo_spec = load_chooser(dpo_dir)
+    assert dpo_spec.base_model == load_chooser(sft_dir)[2].base_model
+    base, _, _ = load_chooser(tmp_path / "init" / "model")
     ids = torch.tensor([tok("hello world", add_special_tokens=False)["input_ids"]])
-    with torch.no_grad(), dpo_model.disable_adapter():
-        ref = dpo_model(input_ids=ids).logits
-    torch.testing.assert_close(ref, sft_model(input_ids=ids).logits)
+    with torch.no_grad(), dpo_model.disable_adapter(), base.disable_adapter():
+        torch.testing.assert_close(dpo_model(input_ids=ids).logits, base(input_ids=ids).logits)
 
     report = evaluate(c.data_dir, {"model": tmp_path / "p.parquet"}, tmp_path / "eval", n_boot=50)
     assert {"model", "production", "popularity", "random", "oracle"} <= set(report["policies"])

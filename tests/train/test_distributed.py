@@ -293,11 +293,12 @@ def test_launch_mode_trains_saves_and_predicts_as_one_process_does(mode, launche
     margins = json.loads((run.out / "dpo" / "model" / "curves.json").read_text())["rewards/margins"]["train"]
     assert [step for step, _ in margins] == [1, 2]
     assert margins[0][1] == 0.0 and margins[1][1] != 0.0
-    # ... and the saved DPO chooser with its adapter off is the merged SFT model.
-    dpo_model, tok, _ = load_chooser(run.out / "dpo" / "model")
-    sft_model, _, _ = load_chooser(run.out / "sft" / "merged")
+    # ... and the saved DPO chooser stands alone: both adapters stacked on the SFT model's own base.
+    dpo_model, tok, dpo_spec = load_chooser(run.out / "dpo" / "model")
+    sft_model, _, sft_spec = load_chooser(run.out / "sft" / "model")
+    assert dpo_spec.base_model == sft_spec.base_model
     ids = torch.tensor([tok("The member watched Alien", add_special_tokens=False)["input_ids"]])
-    with torch.no_grad(), dpo_model.disable_adapter():
+    with torch.no_grad(), dpo_model.disable_adapter(), sft_model.disable_adapter():
         torch.testing.assert_close(dpo_model(input_ids=ids).logits, sft_model(input_ids=ids).logits)
 
     # The saved models predict: the SFT one as the one-process SFT model does, the DPO one a distribution.

@@ -15,4 +15,10 @@ def with_out(c: PipelineConfig, out: Path) -> PipelineConfig:
 
 
 def digest_line(text: str, stage: str = "sft") -> dict[int, str]:
-    return {int(r): d for r, d in re.findall(rf"\[mmart {stage}\] rank (\d+) trainable weights sha256 (\w+)", text)}
+    """The trainable-weights digest each rank reported, by rank, from the stage's one digest line
+    (``... sha256 <d> (same on all N ranks)`` or ``(1 process)``); asserts the line appears once."""
+    lines = re.findall(rf"\[mmart {stage}\] trainable weights sha256 (\w+) \((?:same on all (\d+) ranks|1 process)\)",
+                       text)
+    assert len(lines) == 1, f"expected one [mmart {stage}] digest line, got {len(lines)}"
+    digest, ranks = lines[0]
+    return dict.fromkeys(range(int(ranks or 1)), digest)

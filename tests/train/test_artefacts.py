@@ -185,3 +185,14 @@ def test_eval_leaves_the_card_of_a_model_changed_since_it_was_scored(run, tmp_pa
         f.write(b" ")  # other weights now: the predictions no longer describe this folder
     evaluate(run.cfg.data_dir, {"dpo": preds}, tmp_path / "eval", n_boot=10)
     assert not (copy / "README.md").exists()  # not rewritten with numbers of other weights
+
+
+def test_predict_prints_one_summary_line_naming_what_it_wrote(run, tmp_path, capfd):
+    from mmart.cli import main
+
+    out = tmp_path / "p.parquet"
+    assert main(["predict", "--model", str(run.sft), "--data", str(run.cfg.data_dir), "--out", str(out),
+                 "--max-pairs", "4"]) == 0
+    lines = [line for line in capfd.readouterr().out.splitlines() if line.startswith("[mmart predict]")]
+    assert len(lines) == 1, lines
+    assert "scored 4 test pairs (" in lines[0] and " rows " in lines[0] and lines[0].endswith(f"-> {out}")

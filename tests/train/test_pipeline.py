@@ -122,6 +122,13 @@ def test_two_processes_agree_on_the_final_weights(cfg, tmp_path, home):
     assert set(digests) == {0, 1}, run.stdout[-2000:]
     assert digests[0] == digests[1]
     assert run.stdout.count("[mmart sft] saved") == 1  # only the main process writes the model
+    stage_lines = [line for line in run.stdout.splitlines() if line.startswith("[mmart")]
+    assert len(stage_lines) > 5 and len(stage_lines) == len(set(stage_lines)), stage_lines  # each said once
+    assert "(same on all 2 ranks)" in digests_line(run.stdout)
+
+
+def digests_line(text: str) -> str:
+    return next(line for line in text.splitlines() if "trainable weights sha256" in line)
 
 
 def test_text_only_variant_trains_and_scores_without_a_cache(cfg, tmp_path):

@@ -24,6 +24,8 @@ TABLES = ("titles", "artworks", "users", "impressions")
 STAGES = ("init", "sft", "dpo", "predict", "eval")
 # Settings that change how a stage reports or checkpoints, not what it makes.
 NOT_SHAPING = {"logging_steps", "save_steps", "report_to", "eval_steps"}
+# Keys of a record that say where an input was, not what it was: never compared (a moved run stays fresh).
+WHERE = ("model_dir",)
 
 
 def sha256_files(paths: Iterable[Path]) -> str:
@@ -164,6 +166,8 @@ def differences(recorded: dict | None, wanted: dict, limit: int = 3) -> list[str
     """Human-readable differences between a record and what is wanted now (empty: the same)."""
     if recorded is None:
         return ["no record of what it was made from"]
+    recorded = {k: v for k, v in recorded.items() if k not in WHERE}
+    wanted = {k: v for k, v in wanted.items() if k not in WHERE}
     out: list[str] = []
 
     def walk(a: Any, b: Any, where: str) -> None:

@@ -159,9 +159,14 @@ def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | 
         frame.to_parquet(tmp, index=False)
         tmp.replace(out)
         if not chosen_pairs:
-            write_record(out, predict_made_from(model_dir, data_dir, cfg.cache_dir if inputs.cache is not None else None,
-                                                split, max_pairs, slice_, seed, bf16))
-    if progress:
-        print(f"[mmart predict] {len(examples)} pairs in {len(rows)} rows (up to {pack} titles per member prefix), "
-              f"{len(frame)} impressions in {time.perf_counter() - start:.0f}s")
+            record = predict_made_from(model_dir, data_dir, cfg.cache_dir if inputs.cache is not None else None,
+                                       split, max_pairs, slice_, seed, bf16)
+            # Where the model was, so `mmart eval` can write its headline numbers into the model's card.
+            write_record(out, {**record, "model_dir": str(model_dir.resolve())})
+    if progress:  # the one summary line of a console run
+        from mmart.log import say
+
+        say(f"[mmart predict] scored {len(examples)} {split} pairs ({len(frame)} impressions) in {len(rows)} rows "
+            f"(up to {pack} titles per member prefix) in {time.perf_counter() - start:.0f}s -> "
+            + (str(out) if out else "not written (no --out)"))
     return frame

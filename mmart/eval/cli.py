@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "and to the oracle closed, paired differences (every model minus production, plus each --diff), and the "
             "slice of titles in no training decision, each with a 95% bootstrap interval over pairs. Opens with a "
             "one-line verdict per model. Writes report.json, report.md, policy_values.png and "
-            "estimators_vs_truth.png into --out; docs/evaluation.md says what each number means."
+            "estimators_vs_truth.png into --out, and each scored model's headline numbers into the model card "
+            "(README.md) of the folder `mmart predict` scored; docs/evaluation.md says what each number means."
         ))
     p.add_argument("--data", required=True, help="dataset folder (with oracle.parquet for the demo world)")
     p.add_argument("--pred", nargs="+", required=True, metavar="NAME=PATH",

@@ -115,7 +115,8 @@ def _teacher_kinds(teachers: list[str] | None, config: dict) -> list[str]:
 def evaluate(data_dir: str | Path, preds: dict[str, str | Path], out_dir: str | Path, split: str = "test",
              n_boot: int = 1000, seed: int = 0, config: str | Path | dict | None = None,
              diffs: list[str] | None = None, teachers: list[str] | None = None) -> dict:
-    """Score every policy on the pairs the predictions share; write report.json, report.md and the plots.
+    """Score every policy on the pairs the predictions share; write report.json, report.md and the plots,
+    and the headline numbers into the model card of each scored model (``mmart.eval.cards``).
 
     ``diffs``: paired differences "A-B" to add to every scored model minus production.
     ``teachers``: teacher kinds to show as policies (default: the one the run's SFT used, else the default).
@@ -196,6 +197,9 @@ def evaluate(data_dir: str | Path, preds: dict[str, str | Path], out_dir: str | 
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(markdown(report))
     _plots(report, out)
+    from mmart.eval.cards import update_model_cards
+
+    update_model_cards(report, preds, out)
     return report
 
 

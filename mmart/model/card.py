@@ -181,7 +181,8 @@ def _how_to_load(base: str, spec: dict, adapter: bool) -> list[str]:
         'llm = PeftModel.from_pretrained(base, "path/to/this/folder")',
         "```",
         "",
-        "(`mmart.model.llm.add_slot_token(base, tokenizer)` does the same three steps.) The adapter's keys for the "
+        "(`mmart.model.llm.add_slot_token(base, AutoTokenizer.from_pretrained(BASE))` does the same three steps on "
+        "the base's own tokenizer.) The adapter's keys for the "
         "projector are ignored by a plain causal LM, which has none.",
     ]
     return lines

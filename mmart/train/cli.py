@@ -121,7 +121,6 @@ def _predict(args) -> int:
     from mmart.predict import predict
 
     cfg = _load(args) if args.config else None
-    frame = predict(args.model, args.data, args.split, args.out, cfg=cfg, batch_size=args.batch_size,
-                    max_pairs=args.max_pairs, slice_=args.slice, pack_titles=1 if args.no_pack else None)
-    print(f"wrote {args.out}: {len(frame)} impressions")
+    predict(args.model, args.data, args.split, args.out, cfg=cfg, batch_size=args.batch_size,  # prints its summary
+            max_pairs=args.max_pairs, slice_=args.slice, pack_titles=1 if args.no_pack else None)
     return 0

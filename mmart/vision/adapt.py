@@ -26,7 +26,7 @@ import torch
 from mmart.errors import UserError
 from mmart.vision.config import VisionConfig
 from mmart.vision.images import ArtworkImages, catalog_items, collate, keep_freed_memory
-from mmart.vision.tower import register_models
+from mmart.vision.tower import quiet_random_init, register_models
 
 
 def artwork_texts(frame: Any, mode: str) -> list[str]:
@@ -123,12 +123,13 @@ def adapt_tower(data_dir: str | Path, vision: VisionConfig, out_path: str | Path
     texts_all = artwork_texts(frame, cfg.text)
 
     torch.manual_seed(cfg.seed)
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        vision.model, pretrained=vision.pretrained or None,
-        image_mean=tuple(vision.image_mean) if vision.image_mean else None,
-        image_std=tuple(vision.image_std) if vision.image_std else None,
-        image_interpolation=vision.image_interpolation, image_resize_mode=vision.image_resize_mode,
-        output_dict=True)
+    with quiet_random_init(vision.model, random_init=not vision.pretrained):
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            vision.model, pretrained=vision.pretrained or None,
+            image_mean=tuple(vision.image_mean) if vision.image_mean else None,
+            image_std=tuple(vision.image_std) if vision.image_std else None,
+            image_interpolation=vision.image_interpolation, image_resize_mode=vision.image_resize_mode,
+            output_dict=True)
     tokenizer = open_clip.get_tokenizer(vision.model)
 
     pixels, positions, bad = decode_all(items, preprocess, num_workers)

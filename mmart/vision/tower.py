@@ -13,8 +13,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +32,31 @@ Fingerprint = dict[str, Any]
 # Fingerprint keys compared on load, with the words an error uses for them.
 TOWER_KEYS = {"model": "architecture", "arch_sha256": "architecture config", "pretrained": "pretrained tag",
               "checkpoint_sha256": "checkpoint (sha256)", "init_seed": "random-init seed", "preprocess": "preprocessing"}
+
+
+class _DropRandomInitNotice(logging.Filter):
+    def __init__(self, model: str) -> None:
+        super().__init__()
+        self.message = f"No pretrained weights loaded for model '{model}'"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.message)
+
+
+@contextmanager
+def quiet_random_init(model: str, random_init: bool):
+    """open_clip logs "No pretrained weights loaded for model ..." (a root-logger warning) for every tower built
+    without a tag or checkpoint; for ``random_init`` mmart asked for exactly that (seeded, recorded in the
+    fingerprint), so that one message is dropped while the tower is built. Any other warning still shows."""
+    if not random_init:
+        yield
+        return
+    root, drop = logging.getLogger(), _DropRandomInitNotice(model)
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 @dataclasses.dataclass
@@ -183,8 +210,9 @@ def load_tower(cfg: VisionConfig, device: str | torch.device = "cpu") -> Tower:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                cfg.model, pretrained=cfg.pretrained or (str(ckpt) if ckpt else None), **_preprocess_overrides(cfg))
+            with quiet_random_init(cfg.model, random_init=not cfg.pretrained and not ckpt):
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    cfg.model, pretrained=cfg.pretrained or (str(ckpt) if ckpt else None), **_preprocess_overrides(cfg))
         except (RuntimeError, SafetensorError) as e:  # failed downloads, bad state dicts, damaged safetensors
             raise UserError(f"could not load open_clip tower {cfg.model!r} "
                             f"({'tag ' + cfg.pretrained if cfg.pretrained else ckpt or 'random init'}): {e}") from e

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,34 @@ def test_chooser_without_adapter_round_trips(base_folder: Path, tmp_path: Path) 
 def test_loading_a_folder_that_is_not_a_chooser_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not a saved mmart chooser"):
         load_chooser(tmp_path)
+
+
+def test_stacked_dpo_adapter_scores_as_the_merged_sft_model_with_its_adapter(base_folder: Path, tmp_path: Path) -> None:
+    """DPO trains a second adapter on the merged SFT model; stacked onto SFT's base, it scores the same alone."""
+    from mmart.model.checkpoint import lora_config, stack_adapter
+
+    sft, tokenizer = _trained_lora_chooser(base_folder)
+    sft_ref = _scores(sft, tokenizer, reference=True)
+    sft_dir = save_chooser(sft, tokenizer, tmp_path / "sft")
+    merged, merged_tokenizer, _ = load_chooser(export_merged(sft_dir, tmp_path / "merged"))
+    set_artwork_cache(merged, tiny_artwork_cache(12, T, 16))
+    torch.manual_seed(1)
+    dpo = add_lora(merged, lora_config(r=4, alpha=12, target_modules=["q_proj", "v_proj", "up_proj"]))
+    with torch.no_grad():
+        for name, param in dpo.named_parameters():
+            if param.requires_grad:
+                param.add_(0.3 * torch.randn_like(param))
+    dpo.eval()
+    before = _scores(dpo, merged_tokenizer)
+    dpo_dir = save_chooser(dpo, merged_tokenizer, tmp_path / "dpo")
+
+    stack_adapter(sft_dir, dpo_dir)
+    assert read_spec(dpo_dir).base_model == str(base_folder)
+    assert json.loads((dpo_dir / "adapter_config.json").read_text())["r"] == 16 + 4
+    shutil.rmtree(tmp_path / "merged")  # the stacked folder needs neither the merged model nor the SFT folder
+    shutil.rmtree(sft_dir)
+    stacked, stacked_tokenizer, _ = load_chooser(dpo_dir)
+    set_artwork_cache(stacked, tiny_artwork_cache(12, T, 16))
+    torch.testing.assert_close(_scores(stacked, stacked_tokenizer), before, rtol=1e-4, atol=1e-4)
+    # The adapter switched off is SFT's base (its stage-0 projector, the plain LLM), not the SFT model.
+    torch.testing.assert_close(_scores(stacked, stacked_tokenizer, reference=True), sft_ref, rtol=1e-5, atol=1e-5)

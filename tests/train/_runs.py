@@ -15,10 +15,10 @@ def with_out(c: PipelineConfig, out: Path) -> PipelineConfig:
 
 
 def digest_line(text: str, stage: str = "sft") -> dict[int, str]:
-    """Rank -> the trainable weights' digest, from the stage's one gathered line (``(same on all N ranks)``
-    or ``(1 process)``); ranks that disagree raise in the stage instead of printing."""
-    found: dict[int, str] = {}
-    for digest, ranks in re.findall(rf"\[mmart {stage}\] trainable weights sha256 (\w+) \((?:same on all (\d+) ranks|1 process)\)",
-                                    text):
-        found.update({r: digest for r in range(int(ranks or 1))})
-    return found
+    """The trainable-weights digest each rank reported, by rank, from the stage's one digest line
+    (``... sha256 <d> (same on all N ranks)`` or ``(1 process)``); asserts the line appears once."""
+    lines = re.findall(rf"\[mmart {stage}\] trainable weights sha256 (\w+) \((?:same on all (\d+) ranks|1 process)\)",
+                       text)
+    assert len(lines) == 1, f"expected one [mmart {stage}] digest line, got {len(lines)}"
+    digest, ranks = lines[0]
+    return dict.fromkeys(range(int(ranks or 1)), digest)

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import TrainerCallback
 
 from mmart.config import CONFIG_ROOT
@@ -36,7 +37,11 @@ def test_interrupted_sft_resumes_to_the_same_weights(cfg, tmp_path, capfd):
     broken = with_out(cfg, tmp_path / "broken")
     with pytest.raises(KeyboardInterrupt):
         run_sft(broken, callbacks=[Interrupt()])
-    assert (tmp_path / "broken" / "sft" / "checkpoints" / "checkpoint-2").is_dir()
+    checkpoint = tmp_path / "broken" / "sft" / "checkpoints" / "checkpoint-2"
+    assert checkpoint.is_dir()
+    with safe_open(str(checkpoint / "adapter_model.safetensors"), "pt") as f:  # the adapter, not the embeddings
+        names = list(f.keys())
+    assert any("lora_" in n for n in names) and not any("embed_tokens" in n or "lm_head" in n for n in names), names
     assert not (tmp_path / "broken" / "sft" / "model").exists()
     capfd.readouterr()
     run_sft(broken)
@@ -69,14 +74,12 @@ def test_sft_dpo_predict_eval(cfg, tmp_path):
     by_pair = preds.groupby(["user_id", "title_id"]).logging_policy.apply(lambda s: (s == "uniform").any())
     assert set(uniform.groupby(["user_id", "title_id"]).size().index) == set(by_pair[by_pair].index)
 
-    # DPO trained on the merged SFT model; its saved folder stacks both adapters on the SFT model's own base,
-    # so with the adapter off it is that base (not the merged SFT model) and it needs no other folder.
-    dpo_model, tok, dpo_spec = load_chooser(dpo_dir)
-    assert dpo_spec.base_model == load_chooser(sft_dir)[2].base_model
-    base, _, _ = load_chooser(tmp_path / "init" / "model")
+    # The saved DPO adapter is stacked on SFT's base: switched off, it is that base, as SFT's switched off is.
+    dpo_model, tok, _ = load_chooser(dpo_dir)
+    sft_model, _, _ = load_chooser(sft_dir)
     ids = torch.tensor([tok("hello world", add_special_tokens=False)["input_ids"]])
-    with torch.no_grad(), dpo_model.disable_adapter(), base.disable_adapter():
-        torch.testing.assert_close(dpo_model(input_ids=ids).logits, base(input_ids=ids).logits)
+    with torch.no_grad(), dpo_model.disable_adapter(), sft_model.disable_adapter():
+        torch.testing.assert_close(dpo_model(input_ids=ids).logits, sft_model(input_ids=ids).logits)
 
     report = evaluate(c.data_dir, {"model": tmp_path / "p.parquet"}, tmp_path / "eval", n_boot=50)
     assert {"model", "production", "popularity", "random", "oracle"} <= set(report["policies"])
@@ -119,6 +122,13 @@ def test_two_processes_agree_on_the_final_weights(cfg, tmp_path, home):
     assert set(digests) == {0, 1}, run.stdout[-2000:]
     assert digests[0] == digests[1]
     assert run.stdout.count("[mmart sft] saved") == 1  # only the main process writes the model
+    stage_lines = [line for line in run.stdout.splitlines() if line.startswith("[mmart")]
+    assert len(stage_lines) > 5 and len(stage_lines) == len(set(stage_lines)), stage_lines  # each said once
+    assert "(same on all 2 ranks)" in digests_line(run.stdout)
+
+
+def digests_line(text: str) -> str:
+    return next(line for line in text.splitlines() if "trainable weights sha256" in line)
 
 
 def test_text_only_variant_trains_and_scores_without_a_cache(cfg, tmp_path):

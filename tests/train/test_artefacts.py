@@ -1,0 +1,198 @@
+"""Model folders that open anywhere: copied elsewhere they score the same, DPO's stands alone, plain PEFT loads
+the LLM part, nothing names the training machine's paths, and the card says what the model is and how it did."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from _runs import with_out  # noqa: E402 - tests/train/_runs.py
+
+
+@pytest.fixture(scope="module")
+def run(cfg, tmp_path_factory):
+    """SFT, DPO (keeping a copy of its adapter before stacking), predict both, eval: once for the module."""
+    from mmart.eval.report import evaluate
+    from mmart.model import checkpoint
+    from mmart.predict import predict
+    from mmart.train.dpo import run_dpo
+    from mmart.train.sft import run_sft
+
+    root = tmp_path_factory.mktemp("artefacts")
+    c = with_out(cfg, root / "run")
+    unstacked = root / "dpo-unstacked"
+    stack = checkpoint.stack_adapter
+
+    def keep_a_copy(first, folder):
+        shutil.copytree(folder, unstacked)  # the DPO adapter as trained, on the merged SFT model
+        stack(first, folder)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(checkpoint, "stack_adapter", keep_a_copy)
+    try:
+        sft, dpo = run_sft(c), run_dpo(c)
+    finally:
+        mp.undo()
+    preds = {name: root / "run" / "preds" / f"{name}.parquet" for name in ("sft", "dpo")}
+    for name, folder in (("sft", sft), ("dpo", dpo)):
+        predict(folder, c.data_dir, "test", preds[name], max_pairs=c.eval.max_pairs, seed=c.eval.seed,
+                slice_=c.eval.pairs, progress=False)
+    report = evaluate(c.data_dir, preds, root / "run" / "eval", n_boot=50)
+    return SimpleNamespace(cfg=c, root=root, sft=sft, dpo=dpo, unstacked=unstacked, preds=preds, report=report)
+
+
+def _probs(model_dir: Path, c) -> np.ndarray:
+    """Every candidate's probability over the test pairs, fp32 (no bf16 autocast: comparable to 1e-6)."""
+    from mmart.predict import predict
+
+    frame = predict(model_dir, c.data_dir, "test", None, cfg=replace(c, eval=replace(c.eval, bf16=False)),
+                    max_pairs=12, progress=False)
+    return np.concatenate([np.asarray(p, dtype=np.float64) for p in frame.probs])
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, str):
+        yield value
+
+
+def test_copied_model_folders_score_identically_from_another_directory(run, tmp_path, monkeypatch):
+    before = {name: _probs(getattr(run, name), run.cfg) for name in ("sft", "dpo")}
+    copies = {name: Path(shutil.copytree(getattr(run, name), tmp_path / "elsewhere" / name)) for name in before}
+    away = run.root / "moved-away"
+    (run.root / "run").rename(away)  # nothing of the run folder (sft/merged, init/) is left to lean on
+    try:
+        monkeypatch.chdir(tmp_path / "elsewhere")
+        for name, folder in copies.items():
+            np.testing.assert_allclose(_probs(folder, run.cfg), before[name], rtol=0, atol=1e-6, err_msg=name)
+    finally:
+        away.rename(run.root / "run")
+
+
+def test_stacked_dpo_folder_scores_as_the_merged_sft_model_with_the_dpo_adapter(run, tmp_path):
+    from mmart.model.checkpoint import CHOOSER_FILE, read_spec
+
+    # The old way: the DPO adapter as trained, on the merged SFT model it was trained on.
+    old = Path(shutil.copytree(run.unstacked, tmp_path / "old"))
+    spec = json.loads((old / CHOOSER_FILE).read_text())
+    spec["base_model"] = str(run.sft.parent / "merged")
+    (old / CHOOSER_FILE).write_text(json.dumps(spec))
+    shutil.copy(run.dpo / "pipeline.yaml", old)
+
+    assert read_spec(run.dpo).base_model == read_spec(run.sft).base_model == "tiny:llama"
+    ranks = [json.loads((f / "adapter_config.json").read_text())["r"] for f in (run.sft, run.unstacked, run.dpo)]
+    assert ranks[2] == ranks[0] + ranks[1]
+    np.testing.assert_allclose(_probs(run.dpo, run.cfg), _probs(old, run.cfg), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_plain_peft_loads_the_llm_part_without_warnings(run, stage, caplog):
+    """What the model card shows: the base, the slot token added with zero rows, then PeftModel.from_pretrained."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mmart.model.checkpoint import load_chooser, read_spec, resolve_base_model
+
+    folder = getattr(run, stage)
+    spec = read_spec(folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    base = AutoModelForCausalLM.from_pretrained(resolve_base_model(spec.base_model))
+    if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    slot = tokenizer.convert_tokens_to_ids(spec.slot_token)
+    with torch.no_grad():
+        base.get_input_embeddings().weight[slot] = 0
+        base.get_output_embeddings().weight[slot] = 0
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        llm = PeftModel.from_pretrained(base, str(folder)).eval()
+    said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if any(k in m.lower() for k in ("missing", "unexpected", "not found", "target"))], said
+
+    chooser, _, _ = load_chooser(folder)
+    ids = torch.tensor([tokenizer("a quiet film about the sea", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(llm(input_ids=ids).logits, chooser(input_ids=ids).logits)
+        with llm.disable_adapter():  # the adapter is really applied
+            assert not torch.allclose(llm(input_ids=ids).logits, chooser(input_ids=ids).logits)
+
+
+def test_model_folders_name_no_path_of_the_training_machine(run):
+    for folder in (run.sft, run.dpo):
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == "tiny:llama"
+        spec = json.loads((folder / "mmart_chooser.json").read_text())
+        for text in [*_strings(config), *_strings(spec)]:
+            assert not text.startswith(("/", "~", "./", "../")) and str(run.root) not in text, (folder, text)
+        assert not any("projector" in t for t in config["target_modules"])  # LLM layers only: plain PEFT loads it
+
+
+def test_model_cards_name_base_data_and_the_reports_headline(run):
+    from mmart.eval.report import _fmt
+    from mmart.model.card import NOT_EVALUATED
+
+    for name in ("sft", "dpo"):
+        card = (getattr(run, name) / "README.md").read_text()
+        assert "[More Information Needed]" not in card and "fine-tuned version of" not in card
+        assert "tiny:llama" in card
+        data = json.loads((getattr(run, name) / "made_from.json").read_text())["inputs"]["data"]
+        assert data in card
+        d = run.report["differences"][f"{name} - production"]
+        assert NOT_EVALUATED not in card
+        assert f"Lift vs production: {_fmt(d['lift'], pct=True)}" in card
+        assert ("not significant" in card) == (d["verdict"] == "no evidence")
+        assert run.report["dataset_fingerprint"] in card
+    assert "stands alone" in (run.dpo / "README.md").read_text()
+
+
+def test_a_rewritten_card_keeps_its_results_and_a_moved_prediction_stays_fresh(run):
+    from mmart.artefacts import made_from, stale
+    from mmart.model.card import current_results, write_model_card
+
+    results = current_results(run.sft)
+    assert results and any("Lift vs production" in line for line in results)
+    write_model_card(run.sft)
+    assert current_results(run.sft) == results
+    # The predictions' record names the model folder (for the card) without making the predictions stale.
+    assert json.loads(run.preds["dpo"].with_name("dpo.made_from.json").read_text())["model_dir"] == str(run.dpo)
+    assert stale(run.preds["dpo"], made_from(run.cfg, "predict", run.dpo)) == []
+
+
+def test_eval_leaves_the_card_of_a_model_changed_since_it_was_scored(run, tmp_path):
+    from mmart.eval.report import evaluate
+
+    copy = Path(shutil.copytree(run.dpo, tmp_path / "dpo"))
+    preds = tmp_path / "dpo.parquet"
+    shutil.copy(run.preds["dpo"], preds)
+    record = json.loads(run.preds["dpo"].with_name("dpo.made_from.json").read_text())
+    (tmp_path / "dpo.made_from.json").write_text(json.dumps({**record, "model_dir": str(copy)}))
+    (copy / "README.md").unlink()
+    with open(copy / "adapter_model.safetensors", "ab") as f:
+        f.write(b" ")  # other weights now: the predictions no longer describe this folder
+    evaluate(run.cfg.data_dir, {"dpo": preds}, tmp_path / "eval", n_boot=10)
+    assert not (copy / "README.md").exists()  # not rewritten with numbers of other weights
+
+
+def test_predict_prints_one_summary_line_naming_what_it_wrote(run, tmp_path, capfd):
+    from mmart.cli import main
+
+    out = tmp_path / "p.parquet"
+    assert main(["predict", "--model", str(run.sft), "--data", str(run.cfg.data_dir), "--out", str(out),
+                 "--max-pairs", "4"]) == 0
+    lines = [line for line in capfd.readouterr().out.splitlines() if line.startswith("[mmart predict]")]
+    assert len(lines) == 1, lines
+    assert "scored 4 test pairs (" in lines[0] and " rows " in lines[0] and lines[0].endswith(f"-> {out}")

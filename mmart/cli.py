@@ -64,10 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def main(argv: list[str] | None = None) -> int:
     # Before torch loads: idle OpenMP threads sleep instead of spinning. On 2 cores shared with
     # DataLoader workers or another job, spinning made CPU forwards and training steps 10x slower.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "DS_ACCELERATOR" not in os.environ and not _has_cuda():
+        # DeepSpeed (an optional extra, imported by accelerate and transformers when installed) warns "Setting
+        # accelerator to CPU ... unable to detect it" in every process of every stage on a CPU machine; naming
+        # the CPU accelerator is the same choice, said without the warning.
+        os.environ["DS_ACCELERATOR"] = "cpu"
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

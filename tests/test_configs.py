@@ -110,6 +110,8 @@ BAD_VALUES = [
     ("sft.teacher_weight=1.5", r"sft\.teacher_weight must be in \[0, 1\]"),
     ("sft.warmup_ratio=1.5", r"sft\.warmup_ratio must be in \[0, 1\)"),
     ("sft.seed=-1", r"sft\.seed must be >= 0"),
+    ("dpo.batch_size=0", r"dpo\.batch_size must be >= 1, got 0"),
+    ("dpo.lr=-1", r"dpo\.lr must be >= 0, got -1"),
     ("dpo.beta=0", r"dpo\.beta must be > 0"),
     ("dpo.label_smoothing=0.5", r"dpo\.label_smoothing must be in \[0, 0\.5\)"),
     ("dpo.save_steps=0", r"dpo\.save_steps must be >= 1"),

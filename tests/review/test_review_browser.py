@@ -110,8 +110,9 @@ class Chromium:
             self.proc.wait()
 
 
-def visit(browser: Chromium, url: str) -> dict:
-    """Open ``url`` in a new tab, load every lazy image, and report what went wrong."""
+def visit(browser: Chromium, url: str, probe: str | None = None) -> dict:
+    """Open ``url`` in a new tab, load every lazy image, and report what went wrong (and ``probe``'s value: a
+    JavaScript expression evaluated in the loaded page)."""
     target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
     session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
     for domain in ("Page", "Runtime", "Log", "Network"):
@@ -128,9 +129,12 @@ def visit(browser: Chromium, url: str) -> dict:
         }))""",
         "awaitPromise": True, "returnByValue": True}, session=session)["result"]["value"]
     browser.send("Runtime.evaluate", {"expression": "0"}, session=session)  # flush pending events
+    probed = None if probe is None else browser.send(
+        "Runtime.evaluate", {"expression": probe, "returnByValue": True}, session=session)["result"].get("value")
     ev = [e for e in browser.events if e.get("sessionId") == session]
     browser.send("Target.closeTarget", {"targetId": target})
     return {
+        "probe": probed,
         "images": images,
         "requests": [e["params"]["request"]["url"] for e in ev if e["method"] == "Network.requestWillBeSent"],
         "failed": [(e["params"].get("errorText"), e["params"].get("blockedReason")) for e in ev
@@ -170,3 +174,56 @@ def test_the_check_catches_a_broken_page(browser, tmp_path):
     assert len(got["failed"]) == 2
     assert [c["args"][0]["value"] for c in got["console"]] == ["boom"]
     assert ("missing.png", 0, 0) in [tuple(i) for i in got["images"]]
+
+
+PAYLOADS = {"script": "<script>window.__pwned=1</script>",
+            "img": '<img src=x onerror="window.__pwned=1">',
+            "svg": '"><svg onload="window.__pwned=1">'}
+# What the loaded page holds: did anything run, did any payload become an element, is each payload there as text?
+PROBE = """({
+    pwned: typeof window.__pwned,
+    scripts: document.querySelectorAll("script").length,
+    svgs: document.querySelectorAll("svg").length,
+    stray_imgs: document.querySelectorAll('img[src="x"]').length,
+    handlers: Array.from(document.querySelectorAll("*")).flatMap(
+        e => Array.from(e.attributes).filter(a => a.name.startsWith("on")).map(a => e.tagName + " " + a.name)),
+    text: document.body.innerText,
+})"""
+
+
+def test_html_payloads_in_the_data_stay_text_in_the_browser(browser, world_copy, tmp_path):
+    """Title names, genres, captions and a member id holding markup render as text: nothing runs, no element."""
+    import pandas as pd
+
+    from mmart.review import Filters
+
+    from fake_preds import fabricate_predictions
+
+    preds = fabricate_predictions(world_copy)
+    user, title = preds.iloc[0].user_id, preds.iloc[0].title_id
+    evil_user = "m" + PAYLOADS["svg"]
+    titles = pd.read_parquet(world_copy / "titles.parquet")
+    row = titles.title_id == title
+    titles.loc[row, "name"] = PAYLOADS["script"]
+    titles.loc[row, "genres"] = pd.Series([["drama", PAYLOADS["img"]]], index=titles.index[row])
+    titles.to_parquet(world_copy / "titles.parquet", index=False)
+    arts = pd.read_parquet(world_copy / "artworks.parquet")
+    arts.loc[arts.title_id == title, "caption"] = PAYLOADS["img"]
+    arts.to_parquet(world_copy / "artworks.parquet", index=False)
+    for name in ("users", "impressions", "oracle"):  # the member's id, everywhere it is written
+        frame = pd.read_parquet(world_copy / f"{name}.parquet")
+        frame.loc[frame.user_id == user, "user_id"] = evil_user
+        frame.to_parquet(world_copy / f"{name}.parquet", index=False)
+    preds.loc[preds.user_id == user, "user_id"] = evil_user
+    preds_path = tmp_path / "preds.parquet"
+    preds.to_parquet(preds_path, index=False)
+
+    index = run_review(world_copy, tmp_path / "review", preds=preds_path, filters=Filters(member=evil_user),
+                       progress=False).index
+    got = visit(browser, index.as_uri(), PROBE)
+    page = got["probe"]
+    assert page["pwned"] == "undefined"
+    assert (page["scripts"], page["svgs"], page["stray_imgs"], page["handlers"]) == (0, 0, 0, []), page
+    for kind, payload in PAYLOADS.items():
+        assert payload in page["text"], f"the {kind} payload is not shown as text"
+    assert not got["exceptions"], got["exceptions"]

@@ -196,3 +196,24 @@ def test_predict_prints_one_summary_line_naming_what_it_wrote(run, tmp_path, cap
     lines = [line for line in capfd.readouterr().out.splitlines() if line.startswith("[mmart predict]")]
     assert len(lines) == 1, lines
     assert "scored 4 test pairs (" in lines[0] and " rows " in lines[0] and lines[0].endswith(f"-> {out}")
+
+
+def test_predict_on_an_exported_folder_asks_for_the_training_config(run, tmp_path, capfd):
+    """An `mmart export` folder carries no pipeline.yaml: predict must not guess the prompt and cache settings."""
+    from mmart.cli import main
+
+    exported = tmp_path / "exported"
+    assert main(["export", "--model", str(run.sft), "--out", str(exported)]) == 0
+    assert not (exported / "pipeline.yaml").exists()
+    capfd.readouterr()
+    out = tmp_path / "p.parquet"
+    assert main(["predict", "--model", str(exported), "--data", str(run.cfg.data_dir), "--out", str(out),
+                 "--max-pairs", "4"]) == 1
+    err = capfd.readouterr().err
+    assert err.splitlines() == [f"mmart predict: error: {exported} has no pipeline.yaml (the prompt and cache settings "
+                                "the model was trained with; `mmart export` folders do not carry one): pass --config "
+                                "<the training config>"], err
+    assert "Traceback" not in err and not out.exists()
+    assert main(["predict", "--model", str(exported), "--data", str(run.cfg.data_dir), "--out", str(out),
+                 "--max-pairs", "4", "--config", str(run.sft / "pipeline.yaml")]) == 0  # the fix it names works
+    assert out.is_file()

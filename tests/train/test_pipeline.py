@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -48,6 +50,60 @@ def test_interrupted_sft_resumes_to_the_same_weights(cfg, tmp_path, capfd):
     out = capfd.readouterr().out
     assert "resuming from" in out
     assert digest_line(out)[0] == whole
+
+
+def _sft_process(c, folder: Path, home: Path) -> subprocess.Popen:
+    """`mmart sft --config <folder>/cfg.yaml` (``c`` written out) in a process of its own, one torch thread."""
+    import yaml
+
+    from mmart.config import to_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cfg.yaml").write_text(yaml.safe_dump(to_dict(c)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "MMART_HOME": str(home),
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "mmart.cli", "sft", "--config", str(folder / "cfg.yaml")],
+                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _complete_state(path: Path) -> bool:
+    """trainer_state.json is the last file the Trainer writes into a checkpoint, and not atomically: wait for all of it."""
+    import json
+
+    try:
+        return "global_step" in json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.mark.slow
+def test_sigkilled_sft_resumes_to_the_same_weights(cfg, tmp_path, home):
+    """A real kill -9 right after checkpoint-2 is complete; the rerun resumes from it and ends with the weights of
+    a run never killed."""
+    whole = _sft_process(with_out(cfg, tmp_path / "whole"), tmp_path / "whole", home)
+    out, err = whole.communicate(timeout=300)
+    assert whole.returncode == 0, err[-3000:]
+    expected = digest_line(out)[0]
+
+    broken = with_out(cfg, tmp_path / "broken")
+    state = tmp_path / "broken" / "sft" / "checkpoints" / "checkpoint-2" / "trainer_state.json"
+    proc = _sft_process(broken, tmp_path / "broken", home)
+    try:
+        while proc.poll() is None and not _complete_state(state):
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL  # killed, not finished
+    assert not (tmp_path / "broken" / "sft" / "model").exists()
+
+    rerun = _sft_process(broken, tmp_path / "broken", home)
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err[-3000:]
+    assert f"[mmart sft] resuming from {state.parent}" in out.splitlines(), out[-2000:]
+    assert digest_line(out)[0] == expected
 
 
 def test_sft_dpo_predict_eval(cfg, tmp_path):

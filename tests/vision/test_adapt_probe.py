@@ -51,3 +51,25 @@ def test_tag_labels(tiny_world):
     frame = pd.read_parquet(tiny_world / "artworks.parquet")
     shots = tag_labels(frame, "shot")
     assert len(shots) == 72 and set(shots.values()) == {"close-up", "group"}
+
+
+def test_adapt_if_stale_keeps_a_tower_of_this_catalog_and_refits_after_an_image_changed(world_copy, tmp_path, capsys):
+    """Issue 15.4: an adapted tower records the catalog it was fitted on; `--if-stale` refits when that changes."""
+    from mmart.cli import main
+
+    out = tmp_path / "tower.safetensors"
+    args = ["vision", "adapt", "--config", "configs/smoke.yaml", "--data", str(world_copy), "--out", str(out),
+            "--if-stale", "--no-progress", "--num-workers", "0",
+            "--set", "vision.adapt.steps=2", "vision.adapt.batch_size=16", "vision.adapt.warmup_steps=1"]
+    assert main(args) == 0
+    first = sha256_file(out)
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "is up to date" in capsys.readouterr().out and sha256_file(out) == first
+
+    images = sorted((world_copy / "images").glob("*.png"))
+    images[0].write_bytes(images[1].read_bytes())  # same artwork id, other pixels
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert "must be adapted again" in said and "catalog" in said
+    assert sha256_file(out) != first

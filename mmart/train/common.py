@@ -78,6 +78,12 @@ def use_bf16(setting: bool | str | None, what: str = "") -> bool:
         reason = f"auto: {why}"
     else:
         on, reason = bool(setting), "set in the config"
+    if on:
+        import warnings
+
+        # Under CPU autocast, RMSNorm gets a bf16 input and its fp32 weight, and torch warns once per process that
+        # it cannot use the fused kernel; the unfused one gives the same result, so the warning says nothing here.
+        warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight", category=UserWarning)
     if what and (what, on) not in _said:
         _said.add((what, on))
         from mmart.log import say

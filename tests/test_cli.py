@@ -101,3 +101,11 @@ def test_sft_with_negative_epochs_fails_before_training(tmp_path, capsys):
     assert rc == 1
     assert capsys.readouterr().err.strip() == "mmart sft: error: --set: sft.epochs must be > 0, got -1.0"
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_pred_repeated_keeps_every_model():
+    """`--pred a=x --pred b=y` scores both (argparse's nargs="+" alone kept only the last one)."""
+    from mmart.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "--data", "d", "--pred", "a=x", "--pred", "b=y", "c=z", "--out", "o"])
+    assert args.pred == ["a=x", "b=y", "c=z"]

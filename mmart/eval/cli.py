@@ -21,8 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "(README.md) of the folder `mmart predict` scored; docs/evaluation.md says what each number means."
         ))
     p.add_argument("--data", required=True, help="dataset folder (with oracle.parquet for the demo world)")
-    p.add_argument("--pred", nargs="+", required=True, metavar="NAME=PATH",
-                   help="scored models from `mmart predict`, e.g. model=outputs/default/preds.parquet")
+    p.add_argument("--pred", nargs="+", action="extend", required=True, metavar="NAME=PATH",
+                   help="scored models from `mmart predict`, e.g. model=outputs/default/preds.parquet (several after one --pred, or --pred repeated)")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--split", default="test")
     p.add_argument("--n-boot", type=_at_least_one, default=1000, help="bootstrap resamples (>= 1; default 1000)")

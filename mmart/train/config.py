@@ -11,6 +11,10 @@ from typing import Any, Literal, Optional, Union
 from mmart.config_checks import FieldError, at_least, not_empty, positive, seeds, within
 
 
+REPORT_TO_HELP = ("Where training metrics go besides trainer_state.json and curves.png, as TrainingArguments.report_to: "
+                  "none, tensorboard, trackio, wandb, ... (comma-separated; install the tracker, e.g. "
+                  "pip install -e '.[tensorboard]').")
+EVAL_STEPS_HELP = "Evaluate every this many steps (< 1: this share of the run's steps); also at the end."
 BF16_HELP = ("bf16 mixed precision (autocast; master weights in model.dtype). auto = on where bf16 is native: a GPU "
              "that supports it, or a CPU with AVX-512-bf16 or AMX (there ~1.35x faster SmolLM2 steps; a CPU without "
              "them runs bf16 ~3x SLOWER than fp32); true / false force it.")
@@ -91,15 +95,11 @@ class SFTStageConfig:
                 "still draws a curve); the first step is always logged."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory (GPU, big models)."})
     bf16: Bf16 = field(default="auto", metadata={"help": BF16_HELP})
-    report_to: str = field(default="none", metadata={
-        "help": "Where training metrics go besides trainer_state.json and curves.png, as TrainingArguments.report_to: "
-                "none, tensorboard, trackio, wandb, ... (comma-separated; install the tracker, e.g. "
-                "pip install -e '.[tensorboard]')."})
+    report_to: str = field(default="none", metadata={"help": REPORT_TO_HELP})
     eval_examples: int = field(default=0, metadata={
         "help": "Evaluate on this many val decisions (drawn member by member) during training: loss, choice accuracy "
                 "and, on the demo world, the true value of the val pairs (eval_true_value). 0 = no evaluation."})
-    eval_steps: float = field(default=0.34, metadata={
-        "help": "Evaluate every this many steps (< 1: this share of the run's steps); also at the end."})
+    eval_steps: float = field(default=0.34, metadata={"help": EVAL_STEPS_HELP})
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Any other trl.SFTConfig field."})
 
@@ -145,15 +145,11 @@ class DPOStageConfig:
                 "still draws a curve); the first step is always logged."})
     gradient_checkpointing: bool = False
     bf16: Bf16 = field(default="auto", metadata={"help": BF16_HELP})
-    report_to: str = field(default="none", metadata={
-        "help": "Where training metrics go besides trainer_state.json and curves.png, as TrainingArguments.report_to: "
-                "none, tensorboard, trackio, wandb, ... (comma-separated; install the tracker, e.g. "
-                "pip install -e '.[tensorboard]')."})
+    report_to: str = field(default="none", metadata={"help": REPORT_TO_HELP})
     eval_examples: int = field(default=0, metadata={
         "help": "Evaluate on this many val decisions (drawn member by member) during training: the DPO loss of logged val preferences, choice accuracy "
                 "and, on the demo world, the true value of the val pairs (eval_true_value). 0 = no evaluation."})
-    eval_steps: float = field(default=0.34, metadata={
-        "help": "Evaluate every this many steps (< 1: this share of the run's steps); also at the end."})
+    eval_steps: float = field(default=0.34, metadata={"help": EVAL_STEPS_HELP})
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Any other TrainingArguments / DPOConfig field."})
 

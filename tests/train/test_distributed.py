@@ -134,15 +134,6 @@ def step_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], stage) -> 
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    path = tmp_path_factory.mktemp("mmart_home")
-    mp.setenv("MMART_HOME", str(path))
-    yield path
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def cfg(tiny_world, tmp_path_factory, home) -> PipelineConfig:
     out = tmp_path_factory.mktemp("run")
     c = load_config(PipelineConfig, CONFIG_ROOT / "smoke.yaml", [

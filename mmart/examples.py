@@ -127,6 +127,34 @@ class ExampleBuilder:
                                propensity=float(prop), shown_artwork_id=shown, logging_policy=pol))
         return out
 
+    def unlogged_examples(self, examples: list[Example], per_prefix: int, seed: int = 0) -> list[Example]:
+        """For each member prefix among ``examples``, ``per_prefix`` catalog titles the member has neither
+        watched nor been shown (in any split), at the prefix's time, with all their artworks and no label.
+
+        A teacher's choice distribution is defined on any member and title, not only on logged ones;
+        packed behind a prefix the member's history is read once for all of them, so each costs only
+        its title block (``sft.unlogged_titles``).
+        """
+        if per_prefix <= 0:
+            return []
+        touched: dict[str, set[str]] = defaultdict(set)
+        for uid, tid in zip(self.impressions.user_id, self.impressions.title_id):
+            touched[uid].add(tid)
+        titles = sorted(t for t, a in self.artworks_of.items() if 2 <= len(a) <= len(LETTERS))
+        first: dict[object, Example] = {}
+        for ex in examples:
+            first.setdefault(self.prefix_key(ex), ex)
+        out = []
+        for key, ex in first.items():
+            seen = touched[ex.user_id] | {e["title_id"] for e in self.history.get(ex.user_id, [])}
+            pool = [t for t in titles if t not in seen]
+            rng = _stable_rng(seed, f"unlogged:{ex.user_id}:{ex.timestamp}")
+            for i in rng.permutation(len(pool))[:per_prefix]:
+                tid = pool[i]
+                eid = f"unlogged|{ex.user_id}|{tid}|{ex.timestamp}"
+                out.append(Example(eid, ex.user_id, tid, ex.split, ex.timestamp, self._shuffled(tid, eid)))
+        return out
+
     def _not_played(self, split: str) -> dict[tuple[str, str], set[str]]:
         imps = self.impressions[(self.impressions.split == split) & ~self.impressions.played]
         out: dict[tuple[str, str], set[str]] = defaultdict(set)
@@ -235,6 +263,9 @@ class ExampleBuilder:
         summary = self.history_summary(ex) if self.cfg.history_summary else None
         if summary:
             pieces.append(Text(summary + "\n"))
+        preamble = self.readout.preamble()
+        if preamble:
+            pieces.append(Text(preamble + "\n"))
         return pieces
 
     def title_line(self, ex: Example) -> str:

@@ -5,8 +5,8 @@ embedding cache for the artworks (an artwork added after training only needs its
 and the member's history. The member prefix (system text, history, summary) runs through the
 LLM once; its key/value cache is kept (per member and history, least recently used first out)
 and every title block of this call and of later calls for the same member and history reads
-it instead of recomputing it. All title blocks of a call go through one forward, each
-attending to the prefix and to itself only, so a title's scores are the ones its own full
+it instead of recomputing it. All title blocks of a call go through one forward, each its
+own row of a batch over a copy of the prefix's cache (``mmart.model.prefix.read_blocks``), so a title's scores are the ones its own full
 prompt gives (tests/test_serve.py).
 
 Run as (Python)::
@@ -31,8 +31,8 @@ import torch
 
 from mmart.errors import UserError
 from mmart.examples import Example, ExampleBuilder, PromptEncoder, Segment
-from mmart.model.packing import attention_inputs
-from mmart.model.scoring import read_log_probs
+from mmart.model.chooser import causal_lm_of
+from mmart.model.prefix import read_blocks, repeated_cache
 
 _MEMBER = "\x00member"  # the builder's user id for an API member (never a contract id)
 
@@ -138,32 +138,25 @@ class HomePageChooser:
         decided_at = decided_at if decided_at is not None else max([w.timestamp for w in history], default=0) + 1
         _, prefix = self._prefix(history, decided_at)
         p = len(prefix.segment.ids)
-        ids, segments, positions, arts, reads, tokens = [], [], [], [], [], []
-        for j, (title_id, candidates) in enumerate(titles.items(), start=1):
+        blocks, arts, reads, tokens = [], [], [], []
+        for title_id, candidates in titles.items():
             if title_id not in self.builder.titles:
                 raise UserError(f"title {title_id!r} is not in the catalog's titles table")
             ex = Example(f"serve|{title_id}", _MEMBER, title_id, "serve", decided_at, list(candidates))
             d = self.encoder.decision(ex)
-            start = len(ids)
-            ids += d.block.ids
-            segments += [j] * len(d.block.ids)
-            positions += range(p, p + len(d.block.ids))
-            arts += d.block.artworks
-            reads.append([start + r for r in d.block.reads])
-            tokens.append(d.read_ids)
+            blocks.append(d.block.ids)
+            arts.append(d.block.artworks)
+            reads.append(list(d.block.reads))
+            tokens.append(list(d.read_ids))
         dev = self._device()
         k = max(len(t) for t in tokens)
-        batch = {"segment_ids": torch.tensor([segments], device=dev)}
-        mask = attention_inputs(self.model, batch, prefix_length=p)
-        token_ids = torch.tensor([sum((t + [-1] * (k - len(t)) for t in tokens), [])], device=dev)
-        read_at = torch.tensor([sum((r + [r[-1]] * (k - len(r)) for r in reads), [])], device=dev)
-        cache = prefix.cache
-        try:
-            with self._autocast():
-                logp = read_log_probs(self.model, torch.tensor([ids], device=dev), mask, self._rows([arts]), token_ids,
-                                      read_at, torch.tensor([positions], device=dev), cache=cache)
-        finally:
-            cache.crop(-(cache.get_seq_length() - p)) if cache.get_seq_length() > p else None  # keep the prefix only
+        token_ids = torch.tensor([t + [-1] * (k - len(t)) for t in tokens], device=dev)
+        read_at = torch.tensor([r + [r[-1]] * (k - len(r)) for r in reads], device=dev)
+        # Each title block is its own row over a copy of the prefix's cache (kept as it is for the next call).
+        cache = repeated_cache(prefix.cache, len(blocks), causal_lm_of(self.model).config)
+        with self._autocast():
+            logp = read_blocks(self.model, cache, torch.full((len(blocks),), p, device=dev), blocks, self._rows(arts),
+                               read_at, token_ids, fill=prefix.segment.ids[0])
         self.stats["block_forwards"] += 1
         scores = self.builder.readout.candidate_scores(logp.view(len(titles), k)).float()
         probs = torch.softmax(scores, dim=-1).cpu().numpy()

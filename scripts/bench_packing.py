@@ -5,9 +5,11 @@ Run as: python scripts/bench_packing.py [--config configs/default.yaml] [--title
 Both ways score or train on the same decisions in one process, with the same model and precision:
 (a) SFT steps (forward, backward, AdamW; the listwise loss) on members of the default world, each with
     N title decisions (N = 1, 5, 20, 40: the member's real history, N catalog titles it has not watched),
-    and on the world's own train decisions grouped by member (sft.examples=pairs: ~3.6 per member);
-(b) choosing a home page of N titles: one forward over the packed row, and the cached-prefix API
-    (``mmart.serve``), vs one prompt per title (batched).
+    on the world's own train decisions grouped by member (sft.examples=pairs: ~3.3 per member), and on
+    what the default SFT stage trains on: those plus sft.unlogged_titles teacher-only titles per prefix;
+(b) choosing a home page of N titles: the packed rows (``score_batch``: one pass under the block mask, or
+    from 12 titles per row two passes, the prefix into a key/value cache first), and the cached-prefix
+    API (``mmart.serve``), vs one prompt per title (batched).
 Decisions per second, medians of repeats. Needs the config's world and cache (bash scripts/train.sh runs
 them; or mmart world / mmart cache build). Noisy on a shared machine: compare ratios, name the CPU.
 """
@@ -156,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         pairs = subsample(inputs.builder.pair_examples("train", labels=True), args.decisions, 0,
                           group=inputs.builder.prefix_key)
         pools["default world's train decisions (sft.examples=pairs)"] = (pairs, cfg.sft.pack_titles)
+        if cfg.sft.unlogged_titles:  # what the default SFT stage trains on: + teacher-only titles per prefix
+            logged = subsample(pairs, max(1, args.decisions * 3 // (3 + cfg.sft.unlogged_titles)), 0,
+                               group=inputs.builder.prefix_key)
+            pools[f"default SFT decisions (+{cfg.sft.unlogged_titles} unlogged titles per prefix)"] = (
+                logged + inputs.builder.unlogged_examples(logged, cfg.sft.unlogged_titles, 0), cfg.sft.pack_titles)
         for name, (examples, pack) in pools.items():
             alone, packed = both(examples, pack)
             a = sft_step_rate(model, alone, pad, micro, True, bf16, args.repeats)

@@ -182,3 +182,20 @@ def test_max_history_zero_leaves_only_the_summary(contract):
     d = PromptEncoder(b, tiny_tokenizer()).decision(ex)
     assert d.prefix.artworks == [] and d.block.artworks == list(ex.candidates)  # only the candidates' slots
 
+
+
+def test_unlogged_titles_are_new_to_the_member_and_share_its_prefix(contract):
+    """Teacher-only decisions: titles never shown to nor watched by the member, at the prefix's time."""
+    b = ExampleBuilder(contract, PromptConfig(answer="per_candidate"))
+    logged = b.pair_examples("train", labels=True)[:30]
+    extra = b.unlogged_examples(logged, 3, seed=0)
+    keys = {b.prefix_key(e) for e in logged}
+    assert len(extra) == 3 * len(keys)
+    shown = set(zip(b.impressions.user_id, b.impressions.title_id))
+    for e in extra:
+        assert b.prefix_key(e) in keys and e.answer is None and not e.rejected
+        assert (e.user_id, e.title_id) not in shown
+        assert e.title_id not in {h["title_id"] for h in b.history[e.user_id]}
+        assert sorted(e.candidates) == sorted(b.artworks_of[e.title_id])
+    assert len({e.example_id for e in extra}) == len(extra)
+    assert b.unlogged_examples(logged, 3, seed=0) == extra and b.unlogged_examples(logged, 3, seed=1) != extra

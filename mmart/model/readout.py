@@ -3,7 +3,9 @@
 A readout is the one place that knows an answer form. It owns
 
 * the text of a title block after the title line: the question, each candidate's line
-  (its letter, its artwork, and whatever follows), and the block's closing;
+  (its letter, its artwork, and whatever follows), and the block's closing; and the member
+  prefix's last line when the question is the same for every title (``preamble``: said once
+  per member, not once per title, so a packed home page repeats fewer tokens);
 * what it reads: for candidate k, a token id and the block position where its
   log-probability is taken (``Read`` marks in the block, ``read_token_ids``);
 * how those log-probabilities become candidate scores (``candidate_scores``).
@@ -78,7 +80,12 @@ class Readout:
     #: the block ends with the chat template's end of turn and generation prompt (the answer position)
     ends_at_answer: ClassVar[bool] = False
 
-    def question(self, k: int) -> str:
+    def preamble(self) -> str | None:
+        """A line ending the member prefix, said once for all its titles (None: nothing)."""
+        return None
+
+    def question(self, k: int) -> str | None:
+        """The block's question after the title line (None: none; the preamble asked it)."""
         raise NotImplementedError
 
     def candidate(self, k: int, artwork_id: str) -> list[Piece]:
@@ -91,7 +98,8 @@ class Readout:
         """The whole title block: title line, question, one line per candidate, closing."""
         if not 1 <= len(candidates) <= len(LETTERS):
             raise UserError(f"a title has {len(candidates)} candidate artworks; 1 to {len(LETTERS)} are supported")
-        pieces: list[Piece] = [Text(f"{title_line}\n{self.question(len(candidates))}")]
+        question = self.question(len(candidates))
+        pieces: list[Piece] = [Text(title_line if question is None else f"{title_line}\n{question}")]
         for k, aid in enumerate(candidates):
             pieces.append(Text("\n"))
             pieces.extend(self.candidate(k, aid))
@@ -115,7 +123,7 @@ class LetterReadout(Readout):
         self.repeat_letter = repeat_letter
 
     def question(self, k: int) -> str:
-        return "Artworks:"
+        return "Artworks:"  # the closing names this title's letters, so the question stays per block
 
     def candidate(self, k: int, artwork_id: str) -> list[Piece]:
         letter = LETTERS[k]
@@ -137,8 +145,11 @@ class PerCandidateReadout(Readout):
     MARKER = "match"  # the word after each artwork; the next token's log-probability is the score
     SCORE_TOKEN = " yes"
 
-    def question(self, k: int) -> str:
-        return "Would they play it from each artwork (yes/no)?"
+    def preamble(self) -> str:
+        return "For each title: would they play it from each artwork (yes/no)?"
+
+    def question(self, k: int) -> None:
+        return None
 
     def candidate(self, k: int, artwork_id: str) -> list[Piece]:
         # The block stops after the last marker: later tokens cannot change any score.

@@ -120,17 +120,40 @@ def read_log_probs(
     return picked.masked_fill(tokens < 0, float("-inf"))
 
 
-def score_batch(model: nn.Module, batch: dict[str, torch.Tensor], readout=None) -> torch.Tensor:
+TWO_PASS_MIN_BLOCKS = 12  # title blocks in a row from which the cached-prefix pass is the faster (score_batch)
+
+
+def score_batch(model: nn.Module, batch: dict[str, torch.Tensor], readout=None, two_pass: bool | None = None
+                ) -> torch.Tensor:
     """Candidate scores ``[B, D, K]`` (fp32, ``-inf`` past a decision's own K) of a collated batch.
 
     ``batch`` comes from ``mmart.model.packing.collate_rows``; rows may pack several decisions.
     ``readout`` (optional) turns the read log-probabilities into scores (its ``candidate_scores``).
+
+    ``two_pass``: how a packed batch is computed. One pass runs each row as one sequence under a
+    block mask: exact, but its attention is dense over the whole row, so a 40-title row pays
+    ``L^2`` for mostly-masked pairs. Two passes (``mmart.model.prefix``) run the member prefixes
+    once with a key/value cache, then every title block as its own short row reading that cache:
+    the same numbers, attention ``~blocks x (prefix + block)``, and less padding. Default
+    (None): two passes whenever a row packs several blocks, unless activation checkpointing is on
+    (its recomputation cannot rebuild a key/value cache with gradients).
     """
     from mmart.model.packing import attention_inputs
 
-    b, d, k = batch["answer_ids"].shape
-    mask = attention_inputs(model, batch)
-    read = read_log_probs(model, batch["input_ids"], mask, batch.get("artwork_ids"),
-                          batch["answer_ids"].reshape(b, d * k), batch["score_positions"].reshape(b, d * k),
-                          batch["position_ids"]).reshape(b, d, k)
+    blocks = int(batch["segment_ids"].max())
+    packed = blocks > 1
+    if two_pass is None:
+        from mmart.model.prefix import can_reuse_prefix
+
+        two_pass = blocks >= TWO_PASS_MIN_BLOCKS and can_reuse_prefix(model)
+    if two_pass and packed:
+        from mmart.model.prefix import read_log_probs_two_pass
+
+        read = read_log_probs_two_pass(model, batch)
+    else:
+        b, d, k = batch["answer_ids"].shape
+        mask = attention_inputs(model, batch)
+        read = read_log_probs(model, batch["input_ids"], mask, batch.get("artwork_ids"),
+                              batch["answer_ids"].reshape(b, d * k), batch["score_positions"].reshape(b, d * k),
+                              batch["position_ids"]).reshape(b, d, k)
     return readout.candidate_scores(read) if readout is not None else read

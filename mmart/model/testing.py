@@ -39,7 +39,7 @@ _CORPUS = [
     "Candidates: A, B, C, D, E, F, G, H. Each candidate is an image of the title.",
     "You are a recommender that chooses the artwork a streaming member will play.",
     # per_candidate readout words: " yes" must be one token (it is read), " match" ends each candidate line.
-    "Would they play it from each artwork (yes/no)? A: match yes B: match yes C: match no D: match yes",
+    "For each title: would they play it from each artwork (yes/no)? A: match yes B: match yes C: match no D: match yes",
 ]
 TINY_ARCHS = ("llama", "qwen2")  # around the tiny tokenizer; "llama3" needs Llama 3's (llama3_tokenizer)
 # Llama 3.1 Instruct's special tokens: each turn ends with <|eot_id|> (the chat eos), padding uses the

@@ -66,6 +66,10 @@ class SFTStageConfig:
     max_examples: int = field(default=0, metadata={
         "help": "Train on at most this many decisions (0 = all), drawn member by member so packed rows stay full."})
     pack_titles: int = field(default=8, metadata={"help": PACK_HELP})
+    unlogged_titles: int = field(default=0, metadata={
+        "help": "Per sampled member prefix, add this many catalog titles the member was never shown, labelled by "
+                "the teacher alone (needs sft.teacher); packed behind the prefix, each costs only its title block. "
+                "Counted on top of max_examples."})
     epochs: float = 1.0
     batch_size: int = field(default=8, metadata={"help": "Rows per device per step (a row: one member's prefix and "
                                                            "up to pack_titles decisions)."})
@@ -111,7 +115,10 @@ class SFTStageConfig:
             raise FieldError("propensity_clip", self.propensity_clip, ">= 1 (or null for a uniform draw)")
         within(self, "teacher_weight", 0, 1)
         positive(self, "teacher_temperature")
-        at_least(self, 0, "weight_decay")
+        at_least(self, 0, "weight_decay", "unlogged_titles")
+        if self.unlogged_titles and self.teacher == "none":
+            raise FieldError("unlogged_titles", self.unlogged_titles, "0 without a teacher (nothing labels an unlogged "
+                             "title): set sft.teacher: taste, or unlogged_titles: 0")
 
 
 @dataclass

@@ -112,7 +112,8 @@ def sft_examples(cfg: PipelineConfig, builder) -> list:
     """The decisions SFT learns from (``sft.examples``), drawn member by member up to ``sft.max_examples``."""
     s = cfg.sft
     pool = builder.choice_examples("train") if s.examples == "played" else builder.pair_examples("train", labels=True)
-    return subsample(pool, s.max_examples, s.seed, group=builder.prefix_key)
+    logged = subsample(pool, s.max_examples, s.seed, group=builder.prefix_key)
+    return logged + builder.unlogged_examples(logged, s.unlogged_titles, s.seed)
 
 
 def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: list | None = None) -> Path:

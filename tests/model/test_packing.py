@@ -56,6 +56,22 @@ def test_packed_scores_equal_unpacked_scores(contract, arch: str, answer: str) -
     assert compared == len(decisions)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("answer", ["per_candidate", "letter"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_cached_prefix_pass_equals_the_one_pass_row(contract, arch: str, answer: str, attn: str) -> None:
+    """Two passes (prefixes into a cache, then each block as its own row) = one pass under the block mask."""
+    model, tok, _, decisions, rows_of = _setup(contract, arch, answer)
+    model.config._attn_implementation = attn
+    batch = collate_rows(pack_decisions(decisions, 8, rows_of), tok.pad_token_id)
+    assert int(batch["segment_ids"].max()) > 1
+    with torch.no_grad():
+        one = score_batch(model, batch, two_pass=False)
+        two = score_batch(model, batch, two_pass=True)
+    assert torch.equal(torch.isinf(one), torch.isinf(two))
+    torch.testing.assert_close(two[torch.isfinite(two)], one[torch.isfinite(one)], rtol=0, atol=1e-4)
+
+
 def test_unpacked_row_is_the_plain_prompt(contract) -> None:
     """A one-decision row scores as the concatenated prompt does with a plain 2-D mask and no position ids."""
     model, tok, _, decisions, rows_of = _setup(contract, "llama", "per_candidate")

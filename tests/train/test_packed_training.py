@@ -56,13 +56,15 @@ def test_packed_sft_loss_is_the_mean_of_unpacked_losses(contract, answer: str) -
     torch.testing.assert_close(packed_loss, torch.stack(losses).mean(), rtol=0, atol=1e-5)
 
 
-def test_packed_sft_gradients_equal_unpacked_gradients(contract) -> None:
+@pytest.mark.parametrize("two_pass", [False, True], ids=["one-pass", "cached-prefix"])
+def test_packed_sft_gradients_equal_unpacked_gradients(contract, two_pass: bool) -> None:
+    """Also through the cached prefix: the blocks' gradients flow back into the prefix pass."""
     model, tok, alone, packed = _rows(contract, "per_candidate", arch="qwen2")
 
     def grads(rows) -> torch.Tensor:
         model.zero_grad()
         batch = collate_rows(rows, tok.pad_token_id)
-        choice_loss(score_batch(model, batch), batch, teacher_weight=0.6)[0].backward()
+        choice_loss(score_batch(model, batch, two_pass=two_pass), batch, teacher_weight=0.6)[0].backward()
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
     torch.testing.assert_close(grads(packed), grads(alone), rtol=1e-3, atol=1e-6)

@@ -1,0 +1,171 @@
+"""Packed rows in two passes: each member prefix once into a key/value cache, then every title block.
+
+A packed row (``mmart.model.packing``) is exact in one pass under a block mask, but that pass
+is dense: a row of one 210-token prefix and 40 blocks of 55 tokens is a 2,400-token sequence
+whose attention costs ``2400^2`` per head and layer, although each block only needs
+``55 x 265`` of it. Here the same batch runs as
+
+1. the rows' prefixes, ``[B, P]`` (right padded), with a fresh ``DynamicCache``;
+2. the cache's rows repeated for each block (``batch_select_indices``: plain indexing, so the
+   gradient flows back into the prefix pass), and every block as its own row ``[N, T]``, with
+   position ids continuing from its own prefix and a 4-D mask that lets it see its prefix
+   (not the prefix's padding) and itself causally.
+
+The scores are those of the one-pass row and of each decision's own prompt
+(``tests/model/test_packing.py``), and the loss and its gradients are the same
+(``tests/train/test_packed_training.py``). Both passes run through the model's own forward,
+so PEFT, the artwork pre-hook and TRL's wrapping see ordinary calls.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from mmart.model.packing import PAD_SEGMENT
+
+
+def can_reuse_prefix(model: nn.Module) -> bool:
+    """Whether the two passes may train this model: not under activation checkpointing (its recomputation
+    drops the cache's graph), and not under FSDP or DeepSpeed, whose per-module gather and reshard hooks
+    are proven here for one forward per step only (tests/train/test_distributed.py); one process and DDP
+    are (tests/train/test_packed_training.py)."""
+    if not model.training:
+        return True
+    if type(model).__name__ == "DeepSpeedEngine" or any(hasattr(p, "ds_id") for p in model.parameters()):
+        return False
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        FSDPModule = ()
+    for m in model.modules():
+        if (FSDPModule and isinstance(m, FSDPModule)) or getattr(m, "gradient_checkpointing", False) is True:
+            return False
+    return True
+
+
+def _slot_layout(model: nn.Module, artwork_ids: torch.Tensor | None) -> tuple[int, int] | None:
+    """(slot token id, slots per artwork), or None when the batch names no artwork (text-only prompts)."""
+    if artwork_ids is None or not bool((artwork_ids >= 0).any()):
+        return None
+    from mmart.model.chooser import artwork_state, slots_per_artwork
+
+    return artwork_state(model).slot_token_id, slots_per_artwork(model)
+
+
+def _attention_form(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
+    """A bool ``[N, 1, T, C]`` mask in the form the model's attention takes (additive float for eager)."""
+    from mmart.model.chooser import causal_lm_of
+
+    impl = getattr(causal_lm_of(model).config, "_attn_implementation", None) or "sdpa"
+    if impl == "eager":
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
+def read_log_probs_two_pass(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Read log-probabilities ``[B, D, K]`` of a collated packed batch (``-inf`` where ``answer_ids`` is -1)."""
+    from mmart.model.chooser import causal_lm_of
+    from mmart.model.scoring import logits_at
+
+    input_ids, segments = batch["input_ids"], batch["segment_ids"]
+    answer_ids, score_positions = batch["answer_ids"], batch["score_positions"]
+    b, d, k = answer_ids.shape
+    dev = input_ids.device
+    arts = batch.get("artwork_ids")
+    layout = _slot_layout(model, arts)
+
+    # Where each row's prefix and blocks lie (segments are contiguous: 0, then 1..D, then padding).
+    seg_rows, id_rows = segments.tolist(), input_ids.tolist()
+    art_rows = [[a for a in row if a >= 0] for row in arts.tolist()] if layout is not None else None
+    prefix_ids, prefix_arts, block_ids, block_arts, owner, spans = [], [], [], [], [], []
+    for r, row in enumerate(seg_rows):
+        ends: dict[int, list[int]] = {}
+        for i, s in enumerate(row):
+            if s != PAD_SEGMENT:
+                ends.setdefault(s, [i, i])[1] = i
+        used = 0
+
+        def take(lo: int, hi: int) -> list[int]:
+            nonlocal used
+            if layout is None:
+                return []
+            n = sum(1 for t in id_rows[r][lo: hi + 1] if t == layout[0]) // layout[1]
+            used += n
+            return art_rows[r][used - n: used]
+
+        lo, hi = ends[0]
+        prefix_ids.append(id_rows[r][lo: hi + 1])
+        prefix_arts.append(take(lo, hi))
+        for j in range(1, d + 1):
+            if j not in ends:
+                break
+            lo, hi = ends[j]
+            block_ids.append(id_rows[r][lo: hi + 1])
+            block_arts.append(take(lo, hi))
+            owner.append(r)
+            spans.append((r, j - 1, lo))
+
+    # Pass 1: the prefixes, into a cache.
+    p_len = torch.tensor([len(x) for x in prefix_ids], device=dev)
+    p_max = int(p_len.max())
+    fill = id_rows[0][0]  # any non-slot token; padding is masked out
+    ids_p = torch.tensor([x + [fill] * (p_max - len(x)) for x in prefix_ids], device=dev)
+    mask_p = (torch.arange(p_max, device=dev) < p_len.unsqueeze(-1)).long()
+    cache = DynamicCache(config=causal_lm_of(model).config)
+    logits_at(model, ids_p, mask_p, _pad_arts(prefix_arts, layout, dev), torch.zeros((b, 1), dtype=torch.long, device=dev),
+              torch.arange(p_max, device=dev).expand(b, -1), cache=cache)
+
+    # Pass 2: every block as its own row, reading its prefix's cache rows.
+    owner_t = torch.tensor(owner, device=dev)
+    cache.batch_select_indices(owner_t)
+    rows, cols, starts = (torch.tensor(x, device=dev) for x in zip(*spans))
+    at = score_positions[rows, cols] - starts.unsqueeze(-1)  # [N, K], block-relative
+    tokens = answer_ids[rows, cols]  # [N, K]
+    picked = read_blocks(model, cache, p_len[owner_t], block_ids, _pad_arts(block_arts, layout, dev), at, tokens, fill)
+    out = torch.full((b, d, k), float("-inf"), device=dev, dtype=picked.dtype)
+    return out.index_put((rows, cols), picked)
+
+
+def read_blocks(model: nn.Module, cache, prefix_lengths: torch.Tensor, block_ids: list[list[int]],
+                artwork_ids: torch.Tensor | None, read_at: torch.Tensor, tokens: torch.Tensor, fill: int = 0
+                ) -> torch.Tensor:
+    """Log-probabilities ``[N, K]`` (fp32; ``-inf`` where ``tokens`` is -1) of N title blocks, one row each.
+
+    ``cache`` holds row n's prefix in its row n (right padded to a common length; extended in place);
+    ``prefix_lengths [N]`` its real length; ``read_at [N, K]`` block-relative read positions;
+    ``artwork_ids [N, M]`` the blocks' cache rows (-1 pad) or None; ``fill``: a padding token id that
+    is not a slot.
+    """
+    from mmart.model.scoring import logits_at
+
+    dev = prefix_lengths.device
+    p_max = int(cache.get_seq_length())
+    t_len = torch.tensor([len(x) for x in block_ids], device=dev)
+    t_max = int(t_len.max())
+    ids_t = torch.tensor([x + [fill] * (t_max - len(x)) for x in block_ids], device=dev)
+    steps = torch.arange(t_max, device=dev)
+    real = steps < t_len.unsqueeze(-1)  # [N, T]
+    own = torch.ones(t_max, t_max, dtype=torch.bool, device=dev).tril() & real.unsqueeze(1) & real.unsqueeze(2)
+    own |= torch.eye(t_max, dtype=torch.bool, device=dev)  # padding queries see themselves: no empty softmax row
+    seen = (torch.arange(p_max, device=dev) < prefix_lengths.unsqueeze(-1)).unsqueeze(1) & real.unsqueeze(2)  # [N, T, P]
+    mask = _attention_form(model, torch.cat([seen, own], dim=-1).unsqueeze(1))
+    positions = prefix_lengths.unsqueeze(-1) + steps
+    logits = logits_at(model, ids_t, mask, artwork_ids, read_at.clamp(min=0), positions, cache=cache)
+    picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked.masked_fill(tokens < 0, float("-inf"))
+
+
+def repeated_cache(cache, times: int, config) -> DynamicCache:
+    """A new cache holding ``times`` copies of a one-row ``cache`` (which stays as it is, for reuse)."""
+    return DynamicCache(ddp_cache_data=[(layer.keys.expand(times, -1, -1, -1), layer.values.expand(times, -1, -1, -1))
+                                        for layer in cache.layers], config=config)
+
+
+def _pad_arts(lists: list[list[int]], layout, dev: torch.device) -> torch.Tensor | None:
+    if layout is None:
+        return None
+    width = max(1, max(len(x) for x in lists))
+    return torch.tensor([x + [-1] * (width - len(x)) for x in lists], device=dev)

@@ -79,11 +79,11 @@ def _per_candidate_trainer(tiny_world, tmp_path, teacher: bool = False, n: int =
     args = SFTConfig(
         output_dir=str(tmp_path), bf16=False, gradient_checkpointing=False, report_to="none", use_cpu=True,
         per_device_train_batch_size=4, max_steps=1, remove_unused_columns=False, max_length=None,
-        dataset_kwargs={"skip_prepare_dataset": True},
+        dataset_kwargs={"skip_prepare_dataset": True}, learning_rate=1e-3, warmup_steps=0,
     )
     trainer = ArtworkSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                                 data_collator=DecisionCollator(pad_token_id=tokenizer.pad_token_id),
-                                peft_config=lora_config(r=4, alpha=8))
+                                peft_config=lora_config(r=4, alpha=8, dropout=0.0))
     trainer.readout = builder.readout
     return trainer, data
 
@@ -101,7 +101,7 @@ def test_per_candidate_sft_loss_depends_on_the_artworks(tiny_world, tmp_path: Pa
     trainer.train()
     with torch.no_grad():
         after = float(trainer.compute_loss(trainer.model, dict(batch)))
-    assert after < before  # one step on these 4 examples lowers their listwise loss
+    assert after < before - 1e-3  # one step on these 4 examples lowers their listwise loss (no dropout: no noise)
 
 
 def test_teacher_targets_mix_into_the_loss(tiny_world, tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from mmart.errors import UserError
 from mmart.examples import Example, ExampleBuilder, PromptEncoder, Segment
@@ -110,11 +111,12 @@ class HomePageChooser:
             self.stats["prefix_hits"] += 1
             return key, self._prefixes[key]
         ids = torch.tensor([segment.ids], device=self._device())
+        cache = DynamicCache(config=causal_lm_of(self.model).config)
         with self._autocast():
-            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), artwork_ids=self._rows([segment.artworks]),
-                             use_cache=True, logits_to_keep=1)
+            self.model(input_ids=ids, attention_mask=torch.ones_like(ids), artwork_ids=self._rows([segment.artworks]),
+                       cache=cache, use_cache=True, logits_to_keep=1)
         self.stats["prefix_forwards"] += 1
-        self._prefixes[key] = _Prefix(segment, out.past_key_values)
+        self._prefixes[key] = _Prefix(segment, cache)
         while len(self._prefixes) > self.max_members:
             self._prefixes.popitem(last=False)
         return key, self._prefixes[key]

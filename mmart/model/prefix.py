@@ -45,6 +45,18 @@ def can_reuse_prefix(model: nn.Module) -> bool:
     return True
 
 
+def agreed_across_ranks(model: nn.Module, wanted: bool, device: torch.device) -> bool:
+    """``wanted`` on every rank, or False for all: under DDP each forward call syncs buffers across ranks,
+    so one rank taking two passes while another takes one would hang the step."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(model, DistributedDataParallel) or not torch.distributed.is_initialized():
+        return wanted
+    flag = torch.tensor([int(wanted)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def _slot_layout(model: nn.Module, artwork_ids: torch.Tensor | None) -> tuple[int, int] | None:
     """(slot token id, slots per artwork), or None when the batch names no artwork (text-only prompts)."""
     if artwork_ids is None or not bool((artwork_ids >= 0).any()):

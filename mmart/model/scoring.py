@@ -140,13 +140,12 @@ def score_batch(model: nn.Module, batch: dict[str, torch.Tensor], readout=None, 
     """
     from mmart.model.packing import attention_inputs
 
-    blocks = int(batch["segment_ids"].max())
-    packed = blocks > 1
     if two_pass is None:
-        from mmart.model.prefix import can_reuse_prefix
+        from mmart.model.prefix import agreed_across_ranks, can_reuse_prefix
 
-        two_pass = blocks >= TWO_PASS_MIN_BLOCKS and can_reuse_prefix(model)
-    if two_pass and packed:
+        wanted = int(batch["segment_ids"].max()) >= TWO_PASS_MIN_BLOCKS and can_reuse_prefix(model)
+        two_pass = agreed_across_ranks(model, wanted, batch["input_ids"].device)
+    if two_pass:
         from mmart.model.prefix import read_log_probs_two_pass
 
         read = read_log_probs_two_pass(model, batch)

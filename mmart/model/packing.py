@@ -157,8 +157,12 @@ def attention_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor], pre
     if "flash" in impl:
         raise UserError(f"packed decisions need an attention that takes a custom mask; model.attn_implementation={impl!r} "
                         "does not: use sdpa, or set pack_titles=1 (sft, dpo, eval)")
-    allowed = block_attention(segments, prefix_length)
+    return in_attention_form(model, block_attention(segments, prefix_length), impl)
+
+
+def in_attention_form(model: torch.nn.Module, allowed: torch.Tensor, impl: str) -> torch.Tensor:
+    """A bool 4-D mask as the attention takes it: as it is for SDPA, additive float for eager."""
     if impl == "eager":
         dtype = next(p for p in model.parameters()).dtype
-        return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
     return allowed

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from mmart.model.packing import PAD_SEGMENT
+from mmart.model.packing import PAD_SEGMENT, in_attention_form
 
 
 def can_reuse_prefix(model: nn.Module) -> bool:
@@ -64,17 +64,6 @@ def _slot_layout(model: nn.Module, artwork_ids: torch.Tensor | None) -> tuple[in
     from mmart.model.chooser import artwork_state, slots_per_artwork
 
     return artwork_state(model).slot_token_id, slots_per_artwork(model)
-
-
-def _attention_form(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
-    """A bool ``[N, 1, T, C]`` mask in the form the model's attention takes (additive float for eager)."""
-    from mmart.model.chooser import causal_lm_of
-
-    impl = getattr(causal_lm_of(model).config, "_attn_implementation", None) or "sdpa"
-    if impl == "eager":
-        dtype = next(model.parameters()).dtype
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
-    return allowed
 
 
 def read_log_probs_two_pass(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -151,6 +140,7 @@ def read_blocks(model: nn.Module, cache, prefix_lengths: torch.Tensor, block_ids
     ``artwork_ids [N, M]`` the blocks' cache rows (-1 pad) or None; ``fill``: a padding token id that
     is not a slot.
     """
+    from mmart.model.chooser import causal_lm_of
     from mmart.model.scoring import logits_at
 
     dev = prefix_lengths.device
@@ -163,7 +153,8 @@ def read_blocks(model: nn.Module, cache, prefix_lengths: torch.Tensor, block_ids
     own = torch.ones(t_max, t_max, dtype=torch.bool, device=dev).tril() & real.unsqueeze(1) & real.unsqueeze(2)
     own |= torch.eye(t_max, dtype=torch.bool, device=dev)  # padding queries see themselves: no empty softmax row
     seen = (torch.arange(p_max, device=dev) < prefix_lengths.unsqueeze(-1)).unsqueeze(1) & real.unsqueeze(2)  # [N, T, P]
-    mask = _attention_form(model, torch.cat([seen, own], dim=-1).unsqueeze(1))
+    impl = getattr(causal_lm_of(model).config, "_attn_implementation", None) or "sdpa"
+    mask = in_attention_form(model, torch.cat([seen, own], dim=-1).unsqueeze(1), impl)
     positions = prefix_lengths.unsqueeze(-1) + steps
     logits = logits_at(model, ids_t, mask, artwork_ids, read_at.clamp(min=0), positions, cache=cache)
     picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)

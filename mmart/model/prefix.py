@@ -1,9 +1,9 @@
 """Packed rows in two passes: each member prefix once into a key/value cache, then every title block.
 
 A packed row (``mmart.model.packing``) is exact in one pass under a block mask, but that pass
-is dense: a row of one 210-token prefix and 40 blocks of 55 tokens is a 2,400-token sequence
-whose attention costs ``2400^2`` per head and layer, although each block only needs
-``55 x 265`` of it. Here the same batch runs as
+is dense: a row of one 230-token prefix and 40 blocks of 41 tokens is a 1,900-token sequence
+whose attention costs ``1900^2`` per head and layer, although each block only needs
+``41 x 271`` of it. Here the same batch runs as
 
 1. the rows' prefixes, ``[B, P]`` (right padded), with a fresh ``DynamicCache``;
 2. the cache's rows repeated for each block (``batch_select_indices``: plain indexing, so the
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from mmart.model.batching import pad_artwork_ids
 from mmart.model.packing import PAD_SEGMENT, in_attention_form
 
 
@@ -141,7 +142,7 @@ def read_blocks(model: nn.Module, cache, prefix_lengths: torch.Tensor, block_ids
     is not a slot.
     """
     from mmart.model.chooser import causal_lm_of
-    from mmart.model.scoring import logits_at
+    from mmart.model.scoring import logits_at, token_log_probs
 
     dev = prefix_lengths.device
     p_max = int(cache.get_seq_length())
@@ -157,8 +158,7 @@ def read_blocks(model: nn.Module, cache, prefix_lengths: torch.Tensor, block_ids
     mask = in_attention_form(model, torch.cat([seen, own], dim=-1).unsqueeze(1), impl)
     positions = prefix_lengths.unsqueeze(-1) + steps
     logits = logits_at(model, ids_t, mask, artwork_ids, read_at.clamp(min=0), positions, cache=cache)
-    picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked.masked_fill(tokens < 0, float("-inf"))
+    return token_log_probs(logits, tokens)
 
 
 def repeated_cache(cache, times: int, config) -> DynamicCache:
@@ -168,7 +168,4 @@ def repeated_cache(cache, times: int, config) -> DynamicCache:
 
 
 def _pad_arts(lists: list[list[int]], layout, dev: torch.device) -> torch.Tensor | None:
-    if layout is None:
-        return None
-    width = max(1, max(len(x) for x in lists))
-    return torch.tensor([x + [-1] * (width - len(x)) for x in lists], device=dev)
+    return None if layout is None else pad_artwork_ids(lists).to(dev)

@@ -115,6 +115,11 @@ def read_log_probs(
                 raise ValueError("a read position lies past its row's last real token (positions index right-padded rows)")
         at = at.clamp(min=0)
     logits = logits_at(model, input_ids, attention_mask, artwork_ids, at, position_ids, cache)
+    return token_log_probs(logits, tokens)
+
+
+def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """fp32 log-softmax of ``logits [B, P, V]`` at ``tokens [B, P]``; ``-inf`` where a token is -1."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)  # [B, P, V]
     picked = log_probs.gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return picked.masked_fill(tokens < 0, float("-inf"))

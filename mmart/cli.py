@@ -70,7 +70,9 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, leave_group: bool = True) -> int:
+    """``mmart <stage>``. ``leave_group=False`` keeps a launched process group for a next stage in the same
+    process (tests/train/launch_stages.py); a real launch leaves it once its stage has succeeded."""
     # Before torch loads: idle OpenMP threads sleep instead of spinning. On 2 cores shared with
     # DataLoader workers or another job, spinning made CPU forwards and training steps 10x slower.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -87,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     from mmart.errors import UserError
 
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        from mmart.distributed import finish_distributed
+
+        if leave_group:
+            finish_distributed()  # only after success: a failed rank would leave the others waiting at the barrier
+        return code
     except UserError as e:
         print(f"mmart {args.stage}: error: {e}", file=sys.stderr)
         return 1

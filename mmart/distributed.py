@@ -65,6 +65,21 @@ def distributed_state():
     return state
 
 
+def finish_distributed() -> None:
+    """Leave the process group together, after every rank's last write.
+
+    A rank that reached the end first used to exit while rank 0 still wrote the model card;
+    the gloo group was then torn down by the interpreter's exit and now and then aborted
+    ("terminate called without an active exception", SIGABRT), failing a run that had saved
+    everything. A no-op in a single process.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _no_deepspeed_cpu_build() -> None:
     """Keep DeepSpeed's CPU accelerator from JIT-compiling its shared-memory all-reduce.
 

@@ -27,6 +27,6 @@ if __name__ == "__main__":
     for i, stage in enumerate(("sft", "dpo")):
         if i:
             as_new_process()
-        code = main([stage, "--config", sys.argv[1]])
+        code = main([stage, "--config", sys.argv[1]], leave_group=stage == "dpo")
         if code:
             sys.exit(code)

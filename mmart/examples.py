@@ -51,6 +51,11 @@ class PromptConfig:
     history_summary: bool = field(default=False, metadata={
         "help": "Add one line counting the tags of every artwork the member played from before the decision "
                 "(all history, not just max_history lines): the member's looks in ~30 tokens. Needs artwork tags."})
+    history_summary_looks: Literal["played", "chosen"] = field(default="played", metadata={
+        "help": "played = count the tags of the artworks played from; chosen = per tag, how often the member played "
+                "from an artwork with it beyond what the title's artworks offered (played minus the candidates' "
+                "mean, summed), preferred looks first with that margin: the contrast, without the catalog's base "
+                "rates (a look every title offers counts high for every member)."})
     history_summary_top: int = field(default=0, metadata={
         "help": "0 = every tag with its count; N = only the N most played-from tags of each family, no counts "
                 "(shorter, and a plainer matching task for a small LLM)."})
@@ -226,7 +231,10 @@ class ExampleBuilder:
         """'Played from looks: close-up 9 group 3; horror 5 comedy 2; ...' over the whole history (~40 tokens).
 
         Tags are grouped by family (the part before ':'), most frequent first within a family.
+        ``history_summary_looks: chosen``: 'Chose looks over the others: close-up +3; romance +2 action +1; ...'.
         """
+        if self.cfg.history_summary_looks == "chosen":
+            return self._chosen_summary(ex)
         counts: dict[str, Counter] = defaultdict(Counter)
         for ev in self.history_events(ex):
             if ev.get("artwork_id") is not None:
@@ -241,6 +249,29 @@ class ExampleBuilder:
         else:
             groups = [" ".join(f"{v} {n}" for v, n in c.most_common()) for _, c in sorted(counts.items())]
         return "Played from looks: " + "; ".join(groups)
+
+    def _chosen_summary(self, ex: Example) -> str | None:
+        margin: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        for ev in self.history_events(ex):
+            aid = ev.get("artwork_id")
+            offered = self.artworks_of.get(ev["title_id"], [])
+            if aid is None or len(offered) < 2:  # one artwork: no choice was made
+                continue
+            for tag in self.tags.get(aid, []):
+                family, _, value = tag.rpartition(":")
+                margin[family][value] += 1.0
+            for other in offered:
+                for tag in self.tags.get(other, []):
+                    family, _, value = tag.rpartition(":")
+                    margin[family][value] -= 1.0 / len(offered)
+        top = self.cfg.history_summary_top
+        groups = []
+        for _, m in sorted(margin.items()):
+            kept = [(v, round(x)) for v, x in sorted(m.items(), key=lambda kv: -kv[1]) if round(x) > 0]
+            kept = kept[:top] if top > 0 else kept
+            if kept:
+                groups.append(" ".join(f"{v} +{n}" for v, n in kept))
+        return "Chose looks over the others: " + "; ".join(groups) if groups else None
 
     def prefix_key(self, ex: Example) -> tuple[str, int]:
         """Decisions with equal keys render the same member prefix: same member, same history before them."""

@@ -173,6 +173,31 @@ def _pairs(group: str) -> list[str]:
     return [f"{words[i]} {words[i + 1]}" for i in range(0, len(words), 2)]
 
 
+def test_chosen_summary_lists_the_looks_played_beyond_what_the_titles_offered(contract):
+    """Per look: plays from an artwork with it, less the share of the title's artworks that had it (a look
+    every candidate carries was no choice), summed over the history; only the preferred ones are shown."""
+    b = ExampleBuilder(contract, PromptConfig(history_summary=True, history_summary_looks="chosen"))
+    checked = 0
+    for ex in b.pair_examples("train")[:60]:
+        margin = Counter()
+        for e in b.history[ex.user_id]:
+            offered = b.artworks_of[e["title_id"]]
+            if e["timestamp"] < ex.timestamp and e.get("artwork_id") and len(offered) > 1:
+                margin.update({t.rpartition(":")[2]: 1.0 for t in b.tags[e["artwork_id"]]})
+                margin.subtract({t.rpartition(":")[2]: n / len(offered)
+                                 for t, n in Counter(t for a in offered for t in b.tags[a]).items()})
+        line = b.history_summary(ex)
+        if line is None:
+            assert all(round(v) <= 0 for v in margin.values())
+            continue
+        assert line.startswith("Chose looks over the others: ")
+        found = {k: int(v) for group in line.split(": ", 1)[1].split("; ") for k, v in
+                 (pair.rsplit(" ", 1) for pair in _pairs(group))}
+        assert found == {k: round(v) for k, v in margin.items() if round(v) > 0}
+        checked += 1
+    assert checked > 10
+
+
 def test_max_history_zero_leaves_only_the_summary(contract):
     b = ExampleBuilder(contract, PromptConfig(history_summary=True, max_history=0))
     ex = next(e for e in b.choice_examples("train") if b.history_summary(e))

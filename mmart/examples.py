@@ -58,7 +58,8 @@ class PromptConfig:
                 "rates (a look every title offers counts high for every member)."})
     history_summary_top: int = field(default=0, metadata={
         "help": "0 = every tag with its count; N = only the N most played-from tags of each family, no counts "
-                "(shorter, and a plainer matching task for a small LLM)."})
+                "(shorter, and a plainer matching task for a small LLM); with history_summary_looks: chosen, the "
+                "N most preferred looks of each family, margins kept."})
     names: bool = field(default=True, metadata={
         "help": "Include title names; off shortens prompts ~2x (the demo world's names only restate genres)."})
 

@@ -49,8 +49,9 @@ class PromptConfig:
         "help": "letter readout: write each candidate's letter again after its slots ('A: <artwork> A'), so a letter "
                 "token can attend to its own artwork (causal attention only looks back)."})
     history_summary: bool = field(default=False, metadata={
-        "help": "Add one line counting the tags of every artwork the member played from before the decision "
-                "(all history, not just max_history lines): the member's looks in ~30 tokens. Needs artwork tags."})
+        "help": "Add one line summarising the tags of every artwork the member played from before the decision "
+                "(all history, not just max_history lines; how: history_summary_looks): the member's looks in "
+                "~25-40 tokens. Needs artwork tags."})
     history_summary_looks: Literal["played", "chosen"] = field(default="played", metadata={
         "help": "played = count the tags of the artworks played from; chosen = per tag, how often the member played "
                 "from an artwork with it beyond what the title's artworks offered (played minus the candidates' "

@@ -111,6 +111,7 @@ def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | 
     from mmart.config import PipelineConfig, from_dict
     from mmart.model.checkpoint import load_chooser
     from mmart.model.chooser import set_artwork_cache
+    from mmart.model.inference import ready_for_scoring
     from mmart.train.common import device, load_inputs, use_bf16
     from mmart.train.data import cache_rows, decision_rows, subsample
     from mmart.train.sft import encoder_for
@@ -148,6 +149,7 @@ def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | 
     rows = decision_rows(encoder_for(inputs, model, tokenizer), examples, cache_rows(inputs.cache), pack,
                          desc="encode").to_list()
     bf16 = use_bf16(cfg.eval.bf16, "predict")
+    prepared = ready_for_scoring(model, bf16)
     scored = score_rows(model, rows, tokenizer.pad_token_id, batch_size, progress, bf16=bf16,
                         readout=inputs.builder.readout)
     probs = [scored[i] for i in range(len(examples))]
@@ -167,6 +169,6 @@ def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | 
         from mmart.log import say
 
         say(f"[mmart predict] scored {len(examples)} {split} pairs ({len(frame)} impressions) in {len(rows)} rows "
-            f"(up to {pack} titles per member prefix) in {time.perf_counter() - start:.0f}s -> "
+            f"(up to {pack} titles per member prefix; {prepared}) in {time.perf_counter() - start:.0f}s -> "
             + (str(out) if out else "not written (no --out)"))
     return frame

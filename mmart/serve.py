@@ -77,6 +77,7 @@ class HomePageChooser:
         from mmart.config import PipelineConfig, from_dict
         from mmart.model.checkpoint import load_chooser
         from mmart.model.chooser import set_artwork_cache, slots_per_artwork
+        from mmart.model.inference import ready_for_scoring
         from mmart.train.common import load_inputs, use_bf16
         from mmart.train.common import device as training_device
 
@@ -96,8 +97,9 @@ class HomePageChooser:
             set_artwork_cache(model, inputs.cache.embeddings)
         slots = slots_per_artwork(model) if inputs.cache is not None else 1
         encoder = PromptEncoder(inputs.builder, tokenizer, slots)
-        return cls(model.eval(), tokenizer, inputs.builder, encoder, inputs.cache,
-                   use_bf16(cfg.eval.bf16, "serve"), max_members)
+        bf16 = use_bf16(cfg.eval.bf16, "serve")
+        ready_for_scoring(model, bf16)  # bf16 weights stored once (or LoRA merged in fp32): the same scores
+        return cls(model, tokenizer, inputs.builder, encoder, inputs.cache, bf16, max_members)
 
     # --- Prefix: computed once per member and history ----------------------------------------------
     def _prefix(self, history: list[Watched], decided_at: int) -> tuple[str, _Prefix]:

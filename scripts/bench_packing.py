@@ -34,6 +34,7 @@ import torch  # noqa: E402
 
 from mmart.config import PipelineConfig, load_config  # noqa: E402
 from mmart.examples import Example  # noqa: E402
+from mmart.model.inference import ready_for_scoring  # noqa: E402
 from mmart.model.packing import collate_rows, pack_decisions  # noqa: E402
 from mmart.model.scoring import score_batch  # noqa: E402
 from mmart.serve import HomePageChooser, Watched  # noqa: E402
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "one_prompt_per_title": a, "packed": p, "ratio": p / a}
             print(f"sft  {name:<52} {a:8.2f} {p:8.2f} dec/s  x{p / a:.2f}", flush=True)
     if "choose" in args.only:
-        model.eval()
+        ready_for_scoring(model, bf16)  # as predict and the API serve: every way below scores with these weights
         chooser = HomePageChooser(model, tok, inputs.builder, enc, inputs.cache, bf16=bf16)
         for n in args.titles:
             examples = home_pages(inputs, max(1, args.decisions // n), n, seed=100 + n)

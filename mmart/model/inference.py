@@ -1,0 +1,53 @@
+"""A loaded chooser's weights made ready for scoring only, with the scores it gave before.
+
+Scoring (``mmart predict``, the home-page API) never trains, so two per-forward costs can be paid once:
+
+- **bf16 autocast**: autocast casts every fp32 ``nn.Linear`` weight to bf16 on each forward (frozen
+  weights are not in its cast cache); a 40-title home page spent ~16% of its time in those copies.
+  Stored in bf16 once, the matrix products get the very same bf16 operands, so the scores are
+  unchanged bit for bit. LoRA stays unmerged here: its small update, folded into a weight that is
+  then rounded to bf16, would partly round away (5 of 96 default-world choices changed when tried).
+- **fp32**: the LoRA update is folded into the weights (PEFT's ``merge_adapter``); in fp32 that only
+  reorders sums (scores within ~1e-5), and every layer loses its two extra adapter products.
+
+Both are for a model that is scored, never trained or saved, afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def ready_for_scoring(model: nn.Module, bf16: bool) -> str:
+    """Prepare ``model`` (in place) for scoring under bf16 autocast (``bf16``) or in fp32; says what it did."""
+    model.eval()
+    if bf16:
+        n = _store_linears_in(model, torch.bfloat16)
+        return f"{n} linear weights stored in bf16 (what autocast computes with)"
+    fp32 = all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point())
+    if fp32 and hasattr(model, "merge_adapter") and getattr(model, "peft_config", None):
+        model.merge_adapter()  # (not into bf16 weights, e.g. model.dtype bf16: the update would round away)
+        return "LoRA merged into the weights"
+    return "as loaded"
+
+
+def _store_linears_in(model: nn.Module, dtype: torch.dtype) -> int:
+    """Every ``nn.Linear`` weight and bias in ``dtype``; a weight tied to an embedding gets its own copy.
+
+    Autocast runs ``nn.Linear`` in bf16 whatever the weight's dtype, so only the storage changes. LoRA's
+    layers too: PEFT casts their input to their weights' dtype, so fp32 LoRA weights cost an fp32 copy
+    of every adapted layer's input (which autocast then casts back to bf16, the same values). The
+    embedding that shares the LM head's weight (SmolLM2 ties them) keeps its fp32 rows: its lookups are
+    not autocast, and rounding them would change the scores.
+    """
+    n = 0
+    for module in model.modules():
+        if not isinstance(module, nn.Linear) or module.weight.dtype == dtype:
+            continue
+        # A new Parameter: a weight tied to an embedding is untied, the embedding keeps its fp32 one.
+        module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
+        if module.bias is not None:
+            module.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+        n += 1
+    return n

@@ -112,6 +112,10 @@ def made_from(cfg: Any, stage: str, model_dir: str | Path | None = None, preds: 
         inputs["cache"] = cache_fingerprint(cfg.cache_dir)
         inputs["tower"] = tower_fingerprint(cfg.cache_dir)  # what scoring checks: any cache of the same tower
     config = {name: _section(cfg, name) for name in ("model", "prompt", "cache")}
+    from mmart.train.common import examples_budget
+
+    if stage in ("sft", "dpo"):  # the decisions a stage trains on: the sft ones shape DPO's too (its other members)
+        config["examples"] = {"sft": examples_budget(cfg.sft), **({"dpo": examples_budget(cfg.dpo)} if stage == "dpo" else {})}
     if stage == "sft":
         config["sft"] = _section(cfg, "sft")
         if embeddings and cfg.model.projector_init != "random":

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from mmart.config import PipelineConfig, load_config  # noqa: E402
 from mmart.examples import Example  # noqa: E402
-from mmart.model.inference import ready_for_scoring  # noqa: E402
+from mmart.model.inference import grouped_kv_attention, ready_for_scoring  # noqa: E402
 from mmart.model.packing import collate_rows, pack_decisions  # noqa: E402
 from mmart.model.scoring import score_batch  # noqa: E402
 from mmart.serve import HomePageChooser, Watched  # noqa: E402
@@ -110,12 +110,13 @@ def sft_step_rate(model, rows, pad_id: int, micro_rows: int, teacher: bool, bf16
 
 @torch.inference_mode()
 def choose_rate(model, rows, pad_id: int, micro_rows: int, bf16: bool, repeats: int) -> float:
+    """Decisions per second of scoring ``rows``, as ``mmart predict`` scores (grouped key/value heads read in place)."""
     batches = [collate_rows(rows[s: s + micro_rows], pad_id) for s in range(0, len(rows), micro_rows)]
     n = sum(int(b["decision_mask"].sum()) for b in batches)
 
     def run():
         for b in batches:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), grouped_kv_attention("cpu"):
                 score_batch(model, b)
 
     return n / median_time(run, repeats)

@@ -37,10 +37,10 @@ SETTINGS = {
     "prompt": ("artwork_input", "answer", "max_history", "history_summary"),
     "cache": ("tokens_per_artwork",),
     "model": ("dtype", "projector_init", "projector_init_steps"),
-    "sft": ("examples", "max_examples", "pack_titles", "epochs", "batch_size", "grad_accum", "lr", "projector_lr",
-            "teacher", "teacher_weight", "teacher_temperature", "propensity_clip", "bf16", "seed"),
-    "dpo": ("method", "pairs", "teacher", "teacher_margin", "max_examples", "epochs", "batch_size", "grad_accum",
-            "lr", "beta", "loss_type", "bf16", "seed"),
+    "sft": ("examples", "max_examples", "max_examples_fp32", "pack_titles", "epochs", "batch_size", "grad_accum", "lr",
+            "projector_lr", "teacher", "teacher_weight", "teacher_temperature", "propensity_clip", "bf16", "seed"),
+    "dpo": ("method", "pairs", "teacher", "teacher_margin", "max_examples", "max_examples_fp32", "epochs", "batch_size",
+            "grad_accum", "lr", "beta", "loss_type", "bf16", "seed"),
 }
 
 

@@ -10,13 +10,20 @@ Scoring (``mmart predict``, the home-page API) never trains, so two per-forward 
 - **fp32**: the LoRA update is folded into the weights (PEFT's ``merge_adapter``); in fp32 that only
   reorders sums (scores within ~1e-5), and every layer loses its two extra adapter products.
 
-Both are for a model that is scored, never trained or saved, afterwards.
+Both are for a model that is scored, never trained or saved, afterwards. And on a CPU, scoring reads
+grouped key/value heads in place (``grouped_kv_attention``).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
+
+_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"  # transformers' switch (integrations/sdpa_attention.py)
 
 
 def ready_for_scoring(model: nn.Module, bf16: bool) -> str:
@@ -51,3 +58,24 @@ def _store_linears_in(model: nn.Module, dtype: torch.dtype) -> int:
             module.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
         n += 1
     return n
+
+
+@contextmanager
+def grouped_kv_attention(device: torch.device | str) -> Iterator[None]:
+    """On a CPU, SDPA reads each key/value head once for its group of query heads (torch's ``enable_gqa``).
+
+    Without it, transformers copies every key/value head once per query head (``repeat_kv``) whenever
+    there is a mask: it keeps ``enable_gqa`` for maskless CUDA calls, where a mask would drop the fast
+    kernel. Torch's CPU flash kernel takes both, with the same outputs (tests/model/test_inference.py);
+    scoring always has a mask (padding, title blocks), and the copies grow with the prefix each block
+    reads. Training keeps the copies: with grouped heads, bf16 key/value gradients are summed in
+    another order.
+    """
+    if torch.device(device).type != "cpu" or os.environ.get(_FORCE_GQA) is not None:  # a user's own choice stands
+        yield
+        return
+    os.environ[_FORCE_GQA] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(_FORCE_GQA, None)

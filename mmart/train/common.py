@@ -65,7 +65,7 @@ def native_bf16(dev: torch.device | None = None) -> tuple[bool, str]:
     return bool(found), f"CPU with {', '.join(found) if found else 'no avx512_bf16 or amx'}"
 
 
-_said: set[tuple[str, bool]] = set()
+_said: set[tuple[str, object]] = set()
 
 
 def use_bf16(setting: bool | str | None, what: str = "") -> bool:
@@ -90,6 +90,24 @@ def use_bf16(setting: bool | str | None, what: str = "") -> bool:
 
         say(f"[mmart] {what}: bf16 autocast {'on' if on else 'off'} ({reason})")
     return on
+
+
+def examples_budget(stage_cfg, what: str = "") -> int:
+    """The stage's ``max_examples``, or its ``max_examples_fp32`` where it trains in fp32 on a CPU.
+
+    The fp32 path of a CPU without native bf16 is ~1.7x slower per step; a smaller budget there keeps
+    the main job's time, at a stated cost in decisions. Says so once (``what``) when it applies.
+    """
+    cap = getattr(stage_cfg, "max_examples_fp32", 0)
+    if not cap or device().type != "cpu" or use_bf16(stage_cfg.bf16):
+        return stage_cfg.max_examples
+    if what and (what, "budget") not in _said:
+        _said.add((what, "budget"))
+        from mmart.log import say
+
+        say(f"[mmart] {what}: fp32 on a CPU: at most {cap} examples ({what}.max_examples_fp32), not "
+            f"{stage_cfg.max_examples or 'all'} ({what}.max_examples, the bf16 path's budget)")
+    return cap
 
 
 def report_to(setting: str) -> list[str]:

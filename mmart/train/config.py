@@ -65,6 +65,10 @@ class SFTStageConfig:
                 "defined on all of them; the played label adds to the loss where there is one)."})
     max_examples: int = field(default=0, metadata={
         "help": "Train on at most this many decisions (0 = all), drawn member by member so packed rows stay full."})
+    max_examples_fp32: int = field(default=0, metadata={
+        "help": "max_examples where this stage trains in fp32 on a CPU (bf16 off: auto on a CPU without "
+                "avx512_bf16 or AMX, or bf16: false), a path ~1.7x slower per step; 0 = max_examples. The default "
+                "config sets it so the main job stays within ~20 minutes there too."})
     pack_titles: int = field(default=8, metadata={"help": PACK_HELP})
     unlogged_titles: int = field(default=0, metadata={
         "help": "Per sampled member prefix, add this many catalog titles the member was never shown, labelled by "
@@ -139,6 +143,10 @@ class DPOStageConfig:
     label_smoothing: float = 0.0
     max_examples: int = field(default=0, metadata={
         "help": "Train on at most this many preference examples (0 = all), drawn member by member."})
+    max_examples_fp32: int = field(default=0, metadata={
+        "help": "max_examples where this stage trains in fp32 on a CPU (bf16 off: auto on a CPU without "
+                "avx512_bf16 or AMX, or bf16: false), a path ~1.7x slower per step; 0 = max_examples. The default "
+                "config sets it so the main job stays within ~20 minutes there too."})
     pack_titles: int = field(default=8, metadata={"help": PACK_HELP + " fast path only."})
     epochs: float = 1.0
     batch_size: int = field(default=8, metadata={"help": "Rows per device per step."})
@@ -196,7 +204,7 @@ class EvalConfig:
 
 def _check_stage(cfg: "SFTStageConfig | DPOStageConfig") -> None:
     """What SFT and DPO share: sizes, rates and a warmup that transformers reads as a ratio."""
-    at_least(cfg, 0, "max_examples")
+    at_least(cfg, 0, "max_examples", "max_examples_fp32")
     positive(cfg, "epochs")
     at_least(cfg, 1, "batch_size", "grad_accum", "save_steps")
     positive(cfg, "logging_steps")

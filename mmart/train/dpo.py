@@ -98,19 +98,22 @@ def teacher_pairs(examples: list, teacher, margin: float) -> list:
 
 
 def dpo_examples(cfg: PipelineConfig, inputs) -> list:
-    """DPO's decisions (``dpo.pairs``), drawn member by member (``dpo.seed``) up to ``dpo.max_examples``, from
+    """DPO's decisions (``dpo.pairs``), drawn member by member (``dpo.seed``) up to ``dpo.max_examples`` (or
+    ``dpo.max_examples_fp32``), from
     the members SFT did not train on (all members when those are too few)."""
+    from mmart.train.common import examples_budget
     from mmart.train.sft import sft_examples
 
     d, b = cfg.dpo, inputs.builder
+    budget = examples_budget(d, "dpo")
     seen = {b.prefix_key(ex) for ex in sft_examples(cfg, b)}
 
     def unseen(pool: list) -> list:
         rest = [ex for ex in pool if b.prefix_key(ex) not in seen]
-        return rest if len(rest) >= d.max_examples > 0 else pool
+        return rest if len(rest) >= budget > 0 else pool
 
     if d.pairs == "logged":
-        return subsample(unseen(b.preference_examples("train")), d.max_examples, d.seed, group=b.prefix_key)
+        return subsample(unseen(b.preference_examples("train")), budget, d.seed, group=b.prefix_key)
     from mmart.eval.teacher import fit_teacher
 
     teacher = fit_teacher(inputs.contract, kind=d.teacher, split="train")
@@ -118,7 +121,7 @@ def dpo_examples(cfg: PipelineConfig, inputs) -> list:
     kept = teacher_pairs(pool, teacher, d.teacher_margin)
     say(f"[mmart dpo] teacher pairs ({d.teacher}, margin {d.teacher_margin}): {len(kept)} of {len(pool)} decisions "
           "have a candidate that far below the top")
-    return subsample(kept, d.max_examples, d.seed, group=b.prefix_key)
+    return subsample(kept, budget, d.seed, group=b.prefix_key)
 
 
 def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_dir: str | Path | None = None) -> Path:

@@ -109,10 +109,13 @@ def encoder_for(inputs, model, tokenizer) -> PromptEncoder:
 
 
 def sft_examples(cfg: PipelineConfig, builder) -> list:
-    """The decisions SFT learns from (``sft.examples``), drawn member by member up to ``sft.max_examples``."""
+    """The decisions SFT learns from (``sft.examples``), drawn member by member up to ``sft.max_examples``
+    (``sft.max_examples_fp32`` on a CPU's fp32 path)."""
+    from mmart.train.common import examples_budget
+
     s = cfg.sft
     pool = builder.choice_examples("train") if s.examples == "played" else builder.pair_examples("train", labels=True)
-    logged = subsample(pool, s.max_examples, s.seed, group=builder.prefix_key)
+    logged = subsample(pool, examples_budget(s, "sft"), s.seed, group=builder.prefix_key)
     return logged + builder.unlogged_examples(logged, s.unlogged_titles, s.seed)
 
 

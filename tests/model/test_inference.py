@@ -50,3 +50,25 @@ def test_scores_are_unchanged_by_readying_for_scoring(arch, bf16) -> None:
         assert "merged" in what
         torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
     assert not torch.equal(before, score_batch(add_lora(tiny_chooser(arch, tokens_per_artwork=1)[0]).eval(), batch))
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_grouped_key_value_heads_read_in_place_give_the_same_scores(bf16, monkeypatch) -> None:
+    from transformers.integrations import sdpa_attention
+
+    from mmart.model.inference import grouped_kv_attention
+
+    monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA", raising=False)
+    model, tok = tiny_chooser("llama", tokens_per_artwork=1)  # 4 query heads over 2 key/value heads
+    model.config._attn_implementation = "sdpa"
+    batch = _batch(tok)  # two prompts of different lengths: padded, so every call has a mask
+    copies = []
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda x, n: copies.append(n) or x.repeat_interleave(n, 1))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        copied = score_batch(model, batch)
+        assert copies, "transformers no longer copies key/value heads under a mask: this switch is moot"
+        copies.clear()
+        with grouped_kv_attention("cpu"):
+            grouped = score_batch(model, batch)
+    assert not copies
+    assert torch.equal(copied, grouped)

@@ -53,3 +53,19 @@ def test_the_stage_choice_reaches_the_trainer_and_overrides_the_launcher(cpu_wit
     import os
 
     assert os.environ["ACCELERATE_MIXED_PRECISION"] == "no"
+
+
+@pytest.mark.parametrize(("native", "bf16", "expected"), [
+    (True, "auto", 1400),   # the bf16 path: the full budget
+    (False, "auto", 600),   # a CPU without native bf16: fp32, the fp32 budget
+    (True, False, 600),     # fp32 forced by the config: the same path, the same budget
+    (False, True, 1400),    # bf16 forced: the bf16 budget
+])
+def test_the_fp32_path_of_a_cpu_trains_on_its_own_budget(cpu_with, capsys, native, bf16, expected):
+    from types import SimpleNamespace
+
+    cpu_with(native, False)
+    stage = SimpleNamespace(max_examples=1400, max_examples_fp32=600, bf16=bf16)
+    assert common.examples_budget(stage, "sft") == expected
+    assert ("sft.max_examples_fp32" in capsys.readouterr().out) is (expected == 600)  # said when it applies
+    assert common.examples_budget(SimpleNamespace(max_examples=1400, max_examples_fp32=0, bf16=bf16)) == 1400

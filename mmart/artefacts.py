@@ -95,7 +95,7 @@ def made_from(cfg: Any, stage: str, model_dir: str | Path | None = None, preds: 
     ``model_dir``: for ``dpo``, the SFT model it starts from (default ``<output_dir>/sft/model``); for
     ``predict``, the model scored. ``preds``: for ``eval``, name -> predictions file.
     """
-    from mmart.train.common import use_bf16
+    from mmart.train.common import examples_budget, use_bf16
 
     out = Path(cfg.output_dir)
     embeddings = cfg.prompt.artwork_input == "embeddings"
@@ -112,10 +112,10 @@ def made_from(cfg: Any, stage: str, model_dir: str | Path | None = None, preds: 
         inputs["cache"] = cache_fingerprint(cfg.cache_dir)
         inputs["tower"] = tower_fingerprint(cfg.cache_dir)  # what scoring checks: any cache of the same tower
     config = {name: _section(cfg, name) for name in ("model", "prompt", "cache")}
-    from mmart.train.common import examples_budget
-
-    if stage in ("sft", "dpo"):  # the decisions a stage trains on: the sft ones shape DPO's too (its other members)
-        config["examples"] = {"sft": examples_budget(cfg.sft), **({"dpo": examples_budget(cfg.dpo)} if stage == "dpo" else {})}
+    if stage in ("sft", "dpo"):  # the budget this CPU kind trains on; SFT's shapes DPO's too (DPO takes other members)
+        config["examples"] = {"sft": examples_budget(cfg.sft)}
+        if stage == "dpo":
+            config["examples"]["dpo"] = examples_budget(cfg.dpo)
     if stage == "sft":
         config["sft"] = _section(cfg, "sft")
         if embeddings and cfg.model.projector_init != "random":

@@ -5,8 +5,10 @@ embedding cache for the artworks (an artwork added after training only needs its
 and the member's history. The member prefix (system text, history, summary) runs through the
 LLM once; its key/value cache is kept (per member and history, least recently used first out)
 and every title block of this call and of later calls for the same member and history reads
-it instead of recomputing it. All title blocks of a call go through one forward, each its
-own row of a batch over a copy of the prefix's cache (``mmart.model.prefix.read_blocks``), so a title's scores are the ones its own full
+it instead of recomputing it. All title blocks of a call go through one forward: on a CPU with
+SDPA, attention reads the cached prefix once for all of them (``mmart.model.shared_prefix``);
+elsewhere each block is its own row over a copy of the prefix's cache
+(``mmart.model.prefix.read_blocks``). Either way a title's scores are the ones its own full
 prompt gives (tests/test_serve.py).
 
 Run as (Python)::
@@ -35,6 +37,7 @@ from mmart.errors import UserError
 from mmart.examples import Example, ExampleBuilder, PromptEncoder, Segment
 from mmart.model.chooser import causal_lm_of
 from mmart.model.prefix import read_blocks, repeated_cache
+from mmart.model.shared_prefix import read_blocks_shared, use_shared_prefix_attention
 
 _MEMBER = "\x00member"  # the builder's user id for an API member (never a contract id)
 
@@ -68,6 +71,8 @@ class HomePageChooser:
         self.cache, self.bf16, self.max_members = cache, bf16, max_members
         self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()
         self.stats = {"prefix_forwards": 0, "prefix_hits": 0, "block_forwards": 0}
+        # On a CPU with SDPA, the blocks read the one cached prefix once (mmart.model.shared_prefix), not a copy each.
+        self.shared_prefix = use_shared_prefix_attention(model)
 
     @classmethod
     def load(cls, model_dir: str | Path, catalog_dir: str | Path, cfg=None, device: str | None = None,
@@ -157,11 +162,14 @@ class HomePageChooser:
         k = max(len(t) for t in tokens)
         token_ids = torch.tensor([t + [-1] * (k - len(t)) for t in tokens], device=dev)
         read_at = torch.tensor([r + [r[-1]] * (k - len(r)) for r in reads], device=dev)
-        # Each title block is its own row over a copy of the prefix's cache (kept as it is for the next call).
-        cache = repeated_cache(prefix.cache, len(blocks), causal_lm_of(self.model).config)
         with self._autocast():
-            logp = read_blocks(self.model, cache, torch.full((len(blocks),), p, device=dev), blocks, self._rows(arts),
-                               read_at, token_ids, fill=prefix.segment.ids[0])
+            if self.shared_prefix:  # every block reads the prefix's cache in place
+                logp = read_blocks_shared(self.model, prefix.cache, p, blocks, self._rows(arts), read_at, token_ids,
+                                          fill=prefix.segment.ids[0])
+            else:  # each block its own row over a copy of the prefix's cache (kept as it is for the next call)
+                cache = repeated_cache(prefix.cache, len(blocks), causal_lm_of(self.model).config)
+                logp = read_blocks(self.model, cache, torch.full((len(blocks),), p, device=dev), blocks,
+                                   self._rows(arts), read_at, token_ids, fill=prefix.segment.ids[0])
         self.stats["block_forwards"] += 1
         scores = self.builder.readout.candidate_scores(logp.view(len(titles), k)).float()
         probs = torch.softmax(scores, dim=-1).cpu().numpy()

@@ -9,7 +9,9 @@ Both ways score or train on the same decisions in one process, with the same mod
     what the default SFT stage trains on: those plus sft.unlogged_titles teacher-only titles per prefix;
 (b) choosing a home page of N titles: the packed rows (``score_batch``: one pass under the block mask, or
     from 12 titles per row two passes, the prefix into a key/value cache first), and the cached-prefix
-    API (``mmart.serve``), vs one prompt per title (batched).
+    API (``mmart.serve``: on a CPU its blocks read the cached prefix once, ``mmart.model.shared_prefix``),
+    vs one prompt per title (batched). Scoring as ``mmart predict`` scores: weights ready for scoring
+    (``mmart.model.inference``), grouped key/value heads read in place.
 Decisions per second, medians of repeats. Needs the config's world and cache (bash scripts/train.sh runs
 them; or mmart world / mmart cache build). Noisy on a shared machine: compare ratios, name the CPU.
 """
@@ -34,6 +36,7 @@ import torch  # noqa: E402
 
 from mmart.config import PipelineConfig, load_config  # noqa: E402
 from mmart.examples import Example  # noqa: E402
+from mmart.model.chooser import causal_lm_of  # noqa: E402
 from mmart.model.inference import grouped_kv_attention, ready_for_scoring  # noqa: E402
 from mmart.model.packing import collate_rows, pack_decisions  # noqa: E402
 from mmart.model.scoring import score_batch  # noqa: E402
@@ -175,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sft  {name:<52} {a:8.2f} {p:8.2f} dec/s  x{p / a:.2f}", flush=True)
     if "choose" in args.only:
         ready_for_scoring(model, bf16)  # as predict and the API serve: every way below scores with these weights
-        chooser = HomePageChooser(model, tok, inputs.builder, enc, inputs.cache, bf16=bf16)
+        llm = causal_lm_of(model)
+        attention = llm.config._attn_implementation
         for n in args.titles:
+            llm.set_attn_implementation(attention)  # the other ways: the model's own attention (the API switches it)
             examples = home_pages(inputs, max(1, args.decisions // n), n, seed=100 + n)
             alone, packed = both(examples, n)
             a = choose_rate(model, alone, pad, cfg.eval.batch_size, bf16, args.repeats)
@@ -188,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             pages = [([Watched(e["title_id"], e.get("rating"), e.get("artwork_id"), int(e["timestamp"]))
                        for e in inputs.builder.history[u]], {ex.title_id: ex.candidates for ex in exs},
                       exs[0].timestamp) for u, exs in by_member.items()]
+
+            chooser = HomePageChooser(model, tok, inputs.builder, enc, inputs.cache, bf16=bf16)
 
             def serve_cold():
                 chooser._prefixes.clear()  # every page computes its member's prefix once

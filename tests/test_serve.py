@@ -24,15 +24,20 @@ class _Cache:
 
 
 @pytest.mark.parametrize("arch,answer", [("llama", "per_candidate"), ("qwen2", "letter")])
-def test_home_page_equals_one_prompt_per_title_and_reuses_the_prefix(tiny_world, arch, answer) -> None:
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # sdpa on a CPU: the shared-prefix path; eager: a copy per row
+def test_home_page_equals_one_prompt_per_title_and_reuses_the_prefix(tiny_world, arch, answer, attention) -> None:
+    from mmart.model.chooser import causal_lm_of
+
     contract = load_contract(tiny_world)
     arts = list(contract.frame("artworks").artwork_id)
     model, tok = tiny_chooser(arch, tokens_per_artwork=1, projector_tokens=2, num_artworks=len(arts))
+    causal_lm_of(model).set_attn_implementation(attention)
     builder = ExampleBuilder(contract, PromptConfig(answer=answer, max_history=4, history_summary=True, names=False,
                                                     synopsis=False))
     encoder = PromptEncoder(builder, tok, slots_per_artwork=2)
     cache = _Cache(arts)
     chooser = HomePageChooser(model, tok, builder, encoder, cache)
+    assert chooser.shared_prefix is (attention == "sdpa")
     user = next(u for u, h in builder.history.items() if len(h) >= 3)
     history = [Watched(e["title_id"], e.get("rating"), e.get("artwork_id"), e["timestamp"]) for e in builder.history[user]]
     decided_at = max(w.timestamp for w in history) + 1

@@ -40,6 +40,7 @@ def logits_at(
     positions: torch.Tensor,
     position_ids: torch.Tensor | None = None,
     cache=None,
+    extra: dict | None = None,
 ) -> torch.Tensor:
     """Next-token logits ``[B, P, V]`` at ``positions [B, P]`` of each row, in one forward.
 
@@ -48,7 +49,8 @@ def logits_at(
     continue (a member prefix computed once); it is extended in place. Only the needed positions go
     through the LM head
     (``logits_to_keep``): the full ``[B, L, V]`` logits would be ~0.5 GB for 16 prompts of 150
-    tokens with a 49k vocabulary.
+    tokens with a 49k vocabulary. ``extra``: keyword arguments for the model's attention function
+    (``mmart.model.shared_prefix``).
     """
     if position_ids is None:
         if attention_mask.ndim != 2:
@@ -57,6 +59,7 @@ def logits_at(
     keep = torch.unique(positions)  # [U], sorted
     logits_to_keep: int | torch.Tensor = 1 if keep.numel() == 1 and int(keep) == input_ids.shape[1] - 1 else keep
     kwargs: dict = {"artwork_ids": artwork_ids} if artwork_ids is not None else {}
+    kwargs.update(extra or {})
     if cache is not None:
         kwargs["cache"] = cache
     outputs = model(

@@ -27,7 +27,7 @@ def score_rows(model, rows, pad_token_id: int, batch_size: int = 16, progress: b
     so a batch pads little; each batch is one forward. ``bf16``: run the forwards under bf16
     autocast (the scores are taken in fp32). On a CPU, grouped key/value heads are read in place.
     """
-    from mmart.model.inference import grouped_kv_attention
+    from mmart.model.inference import scoring_context
 
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     out: dict[int, np.ndarray] = {}
@@ -36,7 +36,7 @@ def score_rows(model, rows, pad_token_id: int, batch_size: int = 16, progress: b
     for s in range(0, len(order), batch_size):
         batch_rows = [rows[i] for i in order[s: s + batch_size]]
         batch = {k: v.to(dev) for k, v in collate_rows(batch_rows, pad_token_id).items()}
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16), grouped_kv_attention(dev):
+        with scoring_context(dev, bf16):
             scores = score_batch(model, batch, readout)  # [B, D, K], fp32 log-softmax even under autocast
         probs = torch.softmax(scores, dim=-1).cpu().numpy()
         for b, row in enumerate(batch_rows):

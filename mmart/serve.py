@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,10 +186,7 @@ class HomePageChooser:
 
         return pad_artwork_ids([self.cache.rows(a).tolist() if a else [] for a in artwork_lists]).to(self._device())
 
-    @contextmanager
     def _autocast(self):
-        from mmart.model.inference import grouped_kv_attention
+        from mmart.model.inference import scoring_context
 
-        with torch.autocast(self._device().type, dtype=torch.bfloat16, enabled=self.bf16), \
-                grouped_kv_attention(self._device()):
-            yield
+        return scoring_context(self._device(), self.bf16)

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from mmart.config import PipelineConfig, load_config  # noqa: E402
 from mmart.examples import Example  # noqa: E402
 from mmart.model.chooser import causal_lm_of  # noqa: E402
-from mmart.model.inference import grouped_kv_attention, ready_for_scoring  # noqa: E402
+from mmart.model.inference import ready_for_scoring, scoring_context  # noqa: E402
 from mmart.model.packing import collate_rows, pack_decisions  # noqa: E402
 from mmart.model.scoring import score_batch  # noqa: E402
 from mmart.serve import HomePageChooser, Watched  # noqa: E402
@@ -119,7 +119,7 @@ def choose_rate(model, rows, pad_id: int, micro_rows: int, bf16: bool, repeats: 
 
     def run():
         for b in batches:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), grouped_kv_attention("cpu"):
+            with scoring_context("cpu", bf16):
                 score_batch(model, b)
 
     return n / median_time(run, repeats)

@@ -79,3 +79,11 @@ def grouped_kv_attention(device: torch.device | str) -> Iterator[None]:
         yield
     finally:
         os.environ.pop(_FORCE_GQA, None)
+
+
+@contextmanager
+def scoring_context(device: torch.device | str, bf16: bool) -> Iterator[None]:
+    """How every scoring forward runs: bf16 autocast when ``bf16``, grouped key/value heads read in place on a CPU."""
+    device = torch.device(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), grouped_kv_attention(device):
+        yield

@@ -253,15 +253,27 @@ def trainable_digest(model: torch.nn.Module) -> str:
 
     The weights are gathered in full first (FSDP2, ZeRO-3 shard them): call it on every rank.
     """
+    return _digest(tensor_digests(model))
+
+
+def _digest(per_tensor: dict[str, str]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, d in sorted(per_tensor.items()):
+        h.update(name.encode())
+        h.update(d.encode())
+    return h.hexdigest()
+
+
+def tensor_digests(model: torch.nn.Module) -> dict[str, str]:
+    """Each trainable tensor's sha256 (gathered in full first): what tells which tensors two ranks disagree on."""
     import hashlib
 
     from mmart.train.saving import gathered_weights
 
-    h = hashlib.sha256()
-    for name, t in sorted(gathered_weights(model, lambda _, p: p.requires_grad).items()):
-        h.update(name.encode())
-        h.update(t.float().numpy().tobytes())
-    return h.hexdigest()
+    return {name: hashlib.sha256(t.float().numpy().tobytes()).hexdigest()
+            for name, t in gathered_weights(model, lambda _, p: p.requires_grad).items()}
 
 
 def say_digest(model: torch.nn.Module, stage: str) -> str:
@@ -275,12 +287,16 @@ def say_digest(model: torch.nn.Module, stage: str) -> str:
 
     from mmart.log import say
 
-    mine = trainable_digest(model)
+    per_tensor = tensor_digests(model)
+    mine = _digest(per_tensor)
     state = PartialState()
-    digests = gather_object([mine]) if state.num_processes > 1 else [mine]
+    everyone = gather_object([per_tensor]) if state.num_processes > 1 else [per_tensor]
+    digests = [_digest(d) for d in everyone]
     if len(set(digests)) > 1:
         ranks = ", ".join(f"rank {r}: {d[:12]}" for r, d in enumerate(digests))
-        raise RuntimeError(f"[mmart {stage}] the ranks hold different trainable weights after training ({ranks})")
+        differ = sorted(n for n in everyone[0] if len({d.get(n) for d in everyone}) > 1)
+        raise RuntimeError(f"[mmart {stage}] the ranks hold different trainable weights after training ({ranks}; "
+                           f"{len(differ)} of {len(everyone[0])} tensors differ, e.g. {', '.join(differ[:3])})")
     where = f"same on all {len(digests)} ranks" if len(digests) > 1 else "1 process"
     say(f"[mmart {stage}] trainable weights sha256 {mine} ({where})")
     return mine

@@ -105,12 +105,18 @@ class FastDPOOutput:
     ref_logps: torch.Tensor  # [B, K]
 
 
-def reference_context(model: nn.Module) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def reference_context(model: nn.Module) -> Iterator[None]:
     """What makes a PEFT model its own reference, as TRL's DPOTrainer does.
 
     A frozen copy of the adapter named ``ref`` if there is one (TRL adds it when handed an
     already-trained PEFT model), else all adapters disabled, which also switches the
     projector back to its base copy (``modules_to_save``).
+
+    Leaves every parameter as trainable or frozen as it found it: re-enabling the adapter marks
+    its ``modules_to_save`` copy trainable again (PEFT), which would unfreeze a projector that
+    ``dpo.projector_lr: 0`` froze after DDP had listed what to synchronise. That copy then took
+    rank-local gradients into the clipping norm, and ranks diverged on the first clipped step.
     """
     from trl.trainer.utils import use_adapter
 
@@ -118,7 +124,14 @@ def reference_context(model: nn.Module) -> contextlib.AbstractContextManager:
         model = model.module
     if not hasattr(model, "peft_config"):
         raise TypeError("without a ref_model, the policy must be a PEFT model (the reference = adapter disabled)")
-    return use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
+            yield
+    finally:
+        for p, trainable in flags:
+            if p.requires_grad != trainable:
+                p.requires_grad_(trainable)
 
 
 def fast_dpo_loss(

@@ -120,6 +120,26 @@ def test_fast_loss_trains_lora_and_the_projector_copy_only(setup) -> None:
     trainer.model.zero_grad()
 
 
+def test_the_reference_forward_leaves_a_frozen_projector_frozen(setup) -> None:
+    """dpo.projector_lr 0 freezes the projector copy; PEFT's re-enabling of the adapter after the reference
+    forward made it trainable again, with gradients DDP never synchronised (ranks diverged once clipped)."""
+    trainer, tokenizer, examples, _ = setup
+    copy = [p for n, p in trainer.model.named_parameters() if f"{PROJECTOR_ATTR}.modules_to_save.default" in n]
+    assert copy and all(p.requires_grad for p in copy)
+    try:
+        for p in copy:
+            p.requires_grad_(False)
+        trainer.model.zero_grad()
+        batch = MultipleChoiceCollator(tokenizer.pad_token_id)(examples)
+        fast_dpo_loss(trainer.model, batch, beta=BETA).loss.backward()
+        assert not any(p.requires_grad or p.grad is not None for p in copy)
+        assert any(p.grad is not None for n, p in trainer.model.named_parameters() if "lora_A" in n)
+    finally:
+        for p in copy:
+            p.requires_grad_(True)
+        trainer.model.zero_grad()
+
+
 def test_loss_formula_and_padding() -> None:
     policy = torch.tensor([[-1.0, -2.0, float("-inf")]])
     ref = torch.tensor([[-1.5, -1.0, float("-inf")]])

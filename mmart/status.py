@@ -18,13 +18,18 @@ from pathlib import Path
 PREDICTED = {"dpo": "model", "sft": "sft", "init": "untrained"}
 
 
+def predicted(cfg) -> dict[str, str]:
+    """The models scripts/train.sh scores under this config: the untrained one only with ``eval.untrained``."""
+    return {m: name for m, name in PREDICTED.items() if m != "init" or cfg.eval.untrained}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "status", help="which stages of a run are up to date with its config and inputs, and why not",
         description=(
             "Compare what each stage's output was made from (its made_from.json: config sections, dataset, cache, "
             "the earlier stage's output) with what the config would make now, for the stages init, sft, dpo, "
-            "predict (preds/dpo, preds/sft, preds/init) and eval, laid out as scripts/train.sh lays them out under "
+            "predict (preds/dpo, preds/sft, and preds/init with eval.untrained) and eval, laid out as scripts/train.sh lays them out under "
             "output_dir. With --stage, exit 0 when that stage is up to date and 1 when it must run (train.sh uses "
             "this); a stage whose inputs changed is never resumed from its old checkpoints."
         ))
@@ -46,8 +51,8 @@ def stage_status(cfg, stage: str) -> dict[str, list[str]]:
     if stage == "predict":
         return {str(out / "preds" / f"{m}.parquet"): stale(out / "preds" / f"{m}.parquet",
                                                          made_from(cfg, "predict", model_dir=out / m / "model"))
-                for m in PREDICTED}
-    preds = {name: str(out / "preds" / f"{m}.parquet") for m, name in PREDICTED.items()}
+                for m in predicted(cfg)}
+    preds = {name: str(out / "preds" / f"{m}.parquet") for m, name in predicted(cfg).items()}
     return {str(out / "eval"): stale(out / "eval", made_from(cfg, "eval", preds=preds))}
 
 

@@ -105,11 +105,15 @@ if todo dpo; then
 else kept dpo "$OUT/dpo/model"; fi
 
 # 7. Predict: one forward per member (its titles packed behind its history) scores every candidate;
-#    the same pairs for every model. The three models score side by side, one thread each.
+#    the same pairs for every model. The models score side by side, one thread each: DPO and SFT, and
+#    the untrained chooser (the report's zero-shot row) with eval.untrained: true.
+MODELS=(dpo sft)
+PREDS=("model=$OUT/preds/dpo.parquet" "sft=$OUT/preds/sft.parquet")
+if [ "$(get eval.untrained)" = True ]; then MODELS+=(init); PREDS+=("untrained=$OUT/preds/init.parquet"); fi
 if todo predict; then
   pids=()
   mkdir -p "$OUT/preds"
-  for name in dpo sft init; do
+  for name in "${MODELS[@]}"; do
     stage "predict $name on $PAIRS test pairs, slice $SLICE (log: $OUT/preds/$name.log)"
     OMP_NUM_THREADS=1 mmart predict --model "$OUT/$name/model" --data "$DATA" --split test --max-pairs "$PAIRS" \
       --slice "$SLICE" --out "$OUT/preds/$name.parquet" > "$OUT/preds/$name.log" 2>&1 &
@@ -125,8 +129,7 @@ else kept predict "$OUT/preds"; fi
 if todo eval; then
   stage "eval -> $OUT/eval"
   mmart eval --data "$DATA" --out "$OUT/eval" --n-boot "$(get eval.n_boot)" --seed "$(get eval.seed)" \
-    --pred "model=$OUT/preds/dpo.parquet" "sft=$OUT/preds/sft.parquet" "untrained=$OUT/preds/init.parquet" \
-    --diff model-sft > /dev/null
+    --pred "${PREDS[@]}" --diff model-sft > /dev/null
 else kept eval "$OUT/eval"; fi
 head -n 12 "$OUT/eval/report.md"
 

@@ -191,6 +191,9 @@ class EvalConfig:
         "help": "Score under bf16 autocast: " + BF16_HELP + " Probabilities move by ~1e-2 under bf16, so compare "
                 "models scored the same way."})
     seed: int = 0
+    untrained: bool = field(default=False, metadata={
+        "help": "scripts/train.sh also scores the untrained chooser (stage 0 only; the report's zero-shot row): "
+                "a third predict, ~1/3 more of the predict stage's CPU (~3 minutes on a 2-core CPU's fp32 path)."})
 
     def __post_init__(self) -> None:
         from mmart.config_checks import one_of

@@ -78,6 +78,16 @@ def test_status_reports_each_stage_and_the_reason(cfg, tmp_path):
     assert why and "projector_init_steps" in why[0]
 
 
+def test_the_untrained_chooser_is_scored_only_when_asked(cfg, tmp_path):
+    """eval.untrained off (the default): the predict stage neither needs nor waits for preds/init.parquet."""
+    c = with_out(cfg, tmp_path)
+    c = replace(c, eval=replace(c.eval, untrained=False))
+    preds = tmp_path / "preds"
+    assert set(stage_status(c, "predict")) == {str(preds / "dpo.parquet"), str(preds / "sft.parquet")}
+    asked = replace(c, eval=replace(c.eval, untrained=True))
+    assert str(preds / "init.parquet") in stage_status(asked, "predict")
+
+
 def test_sft_reuses_the_stage0_projector_of_init(cfg, tmp_path, capfd):
     """Issue 11.4: stage 0 runs once (init) and SFT loads its projector; a stale init is refitted first."""
     from mmart.train.init import run_init

@@ -140,6 +140,11 @@ def test_out_of_range_values_are_refused_when_the_config_loads(override, message
         apply_overrides(PipelineConfig(), [override])
 
 
+def test_trls_dpo_path_refuses_negatives_it_cannot_pick():
+    with pytest.raises(ConfigError, match=r"dpo\.negatives must be all with dpo\.method: trl"):
+        apply_overrides(PipelineConfig(), ["dpo.method=trl", "dpo.negatives=misordered"])
+
+
 def test_a_bad_value_in_a_file_names_the_file_and_the_key(tmp_path):
     (tmp_path / "p.yaml").write_text("inherit: smoke.yaml\nsft:\n  epochs: -1\n")
     with pytest.raises(ConfigError, match=r"p\.yaml: sft\.epochs must be > 0, got -1\.0$"):

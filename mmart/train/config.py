@@ -138,6 +138,11 @@ class DPOStageConfig:
         "help": "The teacher that ranks candidates for pairs: teacher (mmart.eval.teacher)."})
     teacher_margin: float = field(default=0.5, metadata={
         "help": "pairs: teacher: a candidate is rejected when its logit P(play) is at least this far below the top's."})
+    negatives: Literal["all", "hardest", "misordered"] = field(default="all", metadata={
+        "help": "fast path: which of a decision's rejected candidates its chosen one is paired against, judged by the "
+                "reference (the SFT model). all = every one; hardest = only the one the reference scores highest; "
+                "misordered = only those the reference scores at or above the chosen one (a decision the reference "
+                "already orders teaches nothing), so DPO spends its steps where the argmax is wrong."})
     beta: float = 0.1
     loss_type: str = field(default="sigmoid", metadata={"help": "fast: sigmoid or robust; trl: any TRL loss_type."})
     label_smoothing: float = 0.0
@@ -172,6 +177,9 @@ class DPOStageConfig:
         _check_stage(self)
         positive(self, "beta")
         at_least(self, 0, "teacher_margin")
+        if self.method == "trl" and self.negatives != "all":
+            raise FieldError("negatives", self.negatives, "all with dpo.method: trl (TRL's trainer sees one pair at a "
+                             "time, not the reference's scores of every candidate): set dpo.method: fast")
         not_empty(self, "loss_type")
         within(self, "label_smoothing", 0, 0.5, hi_open=True)  # robust DPO divides by 1 - 2 * smoothing
 

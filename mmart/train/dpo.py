@@ -160,7 +160,7 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
     shared = common_args(d, out, slots=cfg.prompt.artwork_input == "embeddings", what="dpo", evaluate=val is not None)
     if d.method == "fast":
         args = trainer_config(FastDPOConfig, "dpo", d, shared, beta=d.beta, loss_type=d.loss_type,
-                              label_smoothing=d.label_smoothing)
+                              label_smoothing=d.label_smoothing, negatives=d.negatives)
         trainer = FastTrainer(model=model, args=args, train_dataset=rows, eval_dataset=val,
                               data_collator=MultipleChoiceCollator(pad_token_id=tokenizer.pad_token_id))
         trainer.readout = inputs.builder.readout
@@ -175,7 +175,8 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
     resume = last_checkpoint(out)
     if resume:
         say(f"[mmart dpo] resuming from {resume}")
-    say(f"[mmart dpo] {len(examples)} preference examples in {len(rows)} rows ({d.method} path), beta {d.beta}")
+    say(f"[mmart dpo] {len(examples)} preference examples in {len(rows)} rows ({d.method} path), beta {d.beta}"
+        + (f", negatives: {d.negatives}" if d.negatives != "all" else ""))
     trainer.train(resume_from_checkpoint=resume)
     if val is not None:
         trainer.evaluate()  # the final model on val, for the curves

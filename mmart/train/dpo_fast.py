@@ -51,6 +51,28 @@ from mmart.model.scoring import score_batch
 from mmart.train.common import across_ranks
 
 FAST_LOSS_TYPES = ("sigmoid", "robust")
+NEGATIVES = ("all", "hardest", "misordered")
+
+
+def select_negatives(rejected_mask: torch.Tensor, ref_logps: torch.Tensor, chosen: torch.Tensor,
+                     negatives: str) -> torch.Tensor:
+    """Which of each decision's rejected letters ``[N, K]`` to pair against its chosen one, by the reference's scores.
+
+    At the start of DPO the policy is the reference, so every pair's margin is 0 and every pair pulls
+    equally, including those the reference already orders right. ``hardest`` keeps each decision's
+    strongest competitor (one pair per decision); ``misordered`` keeps only the rejected letters the
+    reference scores at or above the chosen one, so a decision whose argmax is already right adds nothing.
+    """
+    if negatives not in NEGATIVES:
+        raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
+    if negatives == "all":
+        return rejected_mask
+    ref = ref_logps.detach()
+    if negatives == "misordered":
+        return rejected_mask & (ref >= ref.gather(-1, chosen.view(-1, 1)))
+    scores = ref.masked_fill(~rejected_mask, float("-inf"))
+    hardest = torch.zeros_like(rejected_mask).scatter(-1, scores.argmax(-1, keepdim=True), True)
+    return hardest & rejected_mask
 
 
 def multiple_choice_dpo_losses(
@@ -142,12 +164,15 @@ def fast_dpo_loss(
     loss_type: str = "sigmoid",
     ref_model: nn.Module | None = None,
     readout=None,
+    negatives: str = "all",
 ) -> FastDPOOutput:
     """One policy forward (with grad) and one reference forward (no grad) over the batch's rows.
 
     ``batch``: a collated batch of decision rows (``mmart.model.packing.collate_rows``) with
     ``chosen`` ``[B, D]`` and ``rejected_mask`` ``[B, D, K]``. Decisions without a label are skipped.
     The reference is ``ref_model`` or, for a PEFT policy, the policy with its adapter off.
+    ``negatives`` (``select_negatives``) may leave a batch without a pair: its loss is then a zero that
+    still reaches every trainable weight, so ranks stay in step.
     """
     policy = score_batch(model, batch, readout)
     with torch.no_grad():
@@ -159,12 +184,16 @@ def fast_dpo_loss(
     valid = batch["decision_mask"] & (batch["chosen"] >= 0)  # [B, D]
     policy_logps, ref_logps, chosen = policy[valid], ref[valid], batch["chosen"][valid]  # [N, K], [N]
     rejected_mask = batch["rejected_mask"][valid] & (batch["answer_ids"][valid] >= 0)
+    if int(rejected_mask.sum()) == 0:
+        raise ValueError("the batch has no (chosen, rejected) pair: every example needs at least one rejected letter")
+    rejected_mask = select_negatives(rejected_mask, ref_logps, chosen, negatives)
     losses, rewards = multiple_choice_dpo_losses(
         policy_logps, ref_logps, chosen, rejected_mask, beta, label_smoothing, loss_type
     )
     num_pairs = rejected_mask.sum()
-    if int(num_pairs) == 0:
-        raise ValueError("the batch has no (chosen, rejected) pair: every example needs at least one rejected letter")
+    if int(num_pairs) == 0:  # every decision here already ordered right (negatives: misordered)
+        zero = torch.where(torch.isfinite(policy_logps), policy_logps, torch.zeros_like(policy_logps)).sum() * 0.0
+        losses, num_pairs = losses + zero, torch.ones_like(num_pairs)
     chosen_rewards = rewards.gather(-1, chosen.view(-1, 1)).squeeze(-1)
     return FastDPOOutput(
         loss=losses.sum() / num_pairs,
@@ -217,6 +246,7 @@ class FastDPOConfig(TrainingArguments):
     beta: float = field(default=0.1, metadata={"help": "DPO temperature; higher keeps the policy closer to the reference."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Conservative/robust DPO label noise (0 = plain DPO)."})
     loss_type: str = field(default="sigmoid", metadata={"help": f"One of {FAST_LOSS_TYPES}."})
+    negatives: str = field(default="all", metadata={"help": f"One of {NEGATIVES}: mmart.train.dpo_fast.select_negatives."})
     # The batch keys (answer_ids, chosen, ...) are not forward() arguments; keep them.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: the loss needs every key."})
 
@@ -246,15 +276,18 @@ class MultipleChoiceDPOTrainer(Trainer):
             loss_type=getattr(self.args, "loss_type", "sigmoid"),
             ref_model=self.ref_model,
             readout=self.readout,
+            negatives=getattr(self.args, "negatives", "all"),
         )
         loss = across_ranks(self.accelerator, out.loss, out.pair_mask.sum())  # ranks hold unequal pairs
         metrics = self._metrics["train" if model.training else "eval"]
         mask = out.pair_mask
         margins = (out.chosen_rewards.unsqueeze(-1) - out.rejected_rewards)[mask]
         metrics["rewards/chosen"].append(out.chosen_rewards.mean().item())
-        metrics["rewards/rejected"].append(out.rejected_rewards[mask].mean().item())
-        metrics["rewards/margins"].append(margins.mean().item())
-        metrics["rewards/accuracies"].append((margins > 0).float().mean().item())
+        metrics["pairs"].append(float(mask.sum()))
+        if mask.any():  # negatives: misordered can leave a batch without a pair
+            metrics["rewards/rejected"].append(out.rejected_rewards[mask].mean().item())
+            metrics["rewards/margins"].append(margins.mean().item())
+            metrics["rewards/accuracies"].append((margins > 0).float().mean().item())
         if "true_p" in inputs:  # val on the demo world: the policy's greedy choice, valued by the truth
             valid = inputs["decision_mask"] & (inputs["chosen"] >= 0)
             choice = out.policy_logps.argmax(-1, keepdim=True)

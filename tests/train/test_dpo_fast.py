@@ -20,6 +20,7 @@ from mmart.train.dpo_fast import (
     expand_to_pairs,
     fast_dpo_loss,
     multiple_choice_dpo_losses,
+    select_negatives,
 )
 
 T = 2
@@ -196,3 +197,43 @@ def test_fast_rewards_equal_trls_logged_rewards(setup) -> None:
     logged = trainer._metrics["train"]
     assert abs(per_pair_chosen.mean().item() - logged["rewards/chosen"][-1]) < 1e-5
     assert abs(margins.mean().item() - logged["rewards/margins"][-1]) < 1e-5
+
+
+def test_negatives_are_picked_by_the_references_order() -> None:
+    ref = torch.tensor([[-1.0, -0.5, -3.0, -0.9], [-0.2, -2.0, -1.0, float("-inf")]])
+    chosen = torch.tensor([0, 0])
+    rejected = torch.tensor([[False, True, True, True], [False, True, True, False]])
+    assert select_negatives(rejected, ref, chosen, "all").equal(rejected)
+    # row 0: the reference puts candidates 1 and 3 above the chosen 0; row 1 already orders the chosen first
+    assert select_negatives(rejected, ref, chosen, "misordered").tolist() == [[False, True, False, True], [False] * 4]
+    assert select_negatives(rejected, ref, chosen, "hardest").tolist() == [
+        [False, True, False, False], [False, False, True, False]]
+    with pytest.raises(ValueError, match="negatives must be one of"):
+        select_negatives(rejected, ref, chosen, "easy")
+
+
+def test_misordered_negatives_keep_only_what_the_reference_misorders(setup) -> None:
+    """The kept pairs' losses are the full loss's on those pairs; a batch whose every decision the reference
+    already orders gives a zero loss whose backward still runs (a rank with no pair keeps DDP in step)."""
+    trainer, tokenizer, examples, _ = setup
+    batch = MultipleChoiceCollator(tokenizer.pad_token_id)(examples)
+    with torch.no_grad():
+        every = fast_dpo_loss(trainer.model, batch, beta=BETA)
+        mis = fast_dpo_loss(trainer.model, batch, beta=BETA, negatives="misordered")
+    ref_chosen = every.ref_logps.gather(-1, batch["chosen"][:, :1])
+    assert mis.pair_mask.equal(every.pair_mask & (every.ref_logps >= ref_chosen))
+    assert 0 < mis.pair_mask.sum() < every.pair_mask.sum()
+    torch.testing.assert_close(mis.pair_losses[mis.pair_mask], every.pair_losses[mis.pair_mask])
+
+    ordered = dict(batch)  # each decision's chosen letter = the reference's top, every other real letter rejected
+    top = every.ref_logps.argmax(-1)
+    ordered["chosen"] = top.view(-1, 1)
+    letters = torch.arange(every.ref_logps.shape[-1])
+    ordered["rejected_mask"] = ((letters != top.view(-1, 1)) & torch.isfinite(every.ref_logps)).unsqueeze(1)
+    trainer.model.zero_grad()
+    out = fast_dpo_loss(trainer.model, ordered, beta=BETA, negatives="misordered")
+    assert out.loss.item() == 0 and not out.pair_mask.any()
+    out.loss.backward()
+    grads = [p.grad for n, p in trainer.model.named_parameters() if "lora_A" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() and not g.any() for g in grads)
+    trainer.model.zero_grad()

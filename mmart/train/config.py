@@ -137,7 +137,8 @@ class DPOStageConfig:
     teacher: Literal["reward_model", "taste"] = field(default="taste", metadata={
         "help": "The teacher that ranks candidates for pairs: teacher (mmart.eval.teacher)."})
     teacher_margin: float = field(default=0.5, metadata={
-        "help": "pairs: teacher: a candidate is rejected when its logit P(play) is at least this far below the top's."})
+        "help": "pairs: teacher: a candidate is rejected when its logit P(play) is at least this far below the top's "
+                "(0: any candidate strictly below it)."})
     negatives: Literal["all", "hardest", "misordered"] = field(default="all", metadata={
         "help": "fast path: which of a decision's rejected candidates its chosen one is paired against, judged by the "
                 "reference (the SFT model). all = every one; hardest = only the one the reference scores highest; "

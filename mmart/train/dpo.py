@@ -82,7 +82,8 @@ def merged_sft(sft_model_dir: Path) -> Path:
 
 def teacher_pairs(examples: list, teacher, margin: float) -> list:
     """Each decision's teacher-top candidate as chosen, and as rejected every candidate whose logit P(play) is at
-    least ``margin`` below it; decisions with nothing that far below are dropped."""
+    least ``margin`` below it (and strictly below: margin 0 pairs it against every lower candidate, never
+    against itself or a tie); decisions with nothing that far below are dropped."""
     import numpy as np
 
     out = []
@@ -90,7 +91,7 @@ def teacher_pairs(examples: list, teacher, margin: float) -> list:
         q = np.clip(teacher.predict([ex.user_id] * len(ex.candidates), ex.candidates), 1e-6, 1 - 1e-6)
         z = np.log(q) - np.log1p(-q)
         top = int(z.argmax())
-        rejected = [k for k in range(len(z)) if z[top] - z[k] >= margin]
+        rejected = [k for k in range(len(z)) if z[top] - z[k] >= margin and z[k] < z[top]]
         if rejected:
             ex.answer, ex.rejected = top, rejected
             out.append(ex)

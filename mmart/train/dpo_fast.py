@@ -128,6 +128,26 @@ class FastDPOOutput:
 
 
 @contextlib.contextmanager
+def keep_trainable_flags(model: nn.Module) -> Iterator[None]:
+    """Leave every parameter of ``model`` as trainable or frozen as it was on entry.
+
+    TRL's ``use_adapter`` (the reference forward of a PEFT policy) re-enables the adapter on exit,
+    and PEFT then marks its ``modules_to_save`` copy trainable again: a projector that
+    ``dpo.projector_lr: 0`` froze after DDP had listed what to synchronise would take rank-local
+    gradients into the clipping norm, and ranks diverged on the first clipped step.
+    """
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    finally:
+        for p, trainable in flags:
+            if p.requires_grad != trainable:
+                p.requires_grad_(trainable)
+
+
+@contextlib.contextmanager
 def reference_context(model: nn.Module) -> Iterator[None]:
     """What makes a PEFT model its own reference, as TRL's DPOTrainer does.
 
@@ -135,10 +155,7 @@ def reference_context(model: nn.Module) -> Iterator[None]:
     already-trained PEFT model), else all adapters disabled, which also switches the
     projector back to its base copy (``modules_to_save``).
 
-    Leaves every parameter as trainable or frozen as it found it: re-enabling the adapter marks
-    its ``modules_to_save`` copy trainable again (PEFT), which would unfreeze a projector that
-    ``dpo.projector_lr: 0`` froze after DDP had listed what to synchronise. That copy then took
-    rank-local gradients into the clipping norm, and ranks diverged on the first clipped step.
+    Leaves every parameter as trainable or frozen as it found it (``keep_trainable_flags``).
     """
     from trl.trainer.utils import use_adapter
 
@@ -146,14 +163,8 @@ def reference_context(model: nn.Module) -> Iterator[None]:
         model = model.module
     if not hasattr(model, "peft_config"):
         raise TypeError("without a ref_model, the policy must be a PEFT model (the reference = adapter disabled)")
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
-            yield
-    finally:
-        for p, trainable in flags:
-            if p.requires_grad != trainable:
-                p.requires_grad_(trainable)
+    with keep_trainable_flags(model), use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
+        yield
 
 
 def fast_dpo_loss(
@@ -358,6 +369,15 @@ class MultimodalDPOTrainer(DPOTrainer):
         if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(first):
             return dataset
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def _compute_loss(self, model, inputs, return_outputs):  # type: ignore[override]
+        """TRL's loss; its reference forward (``use_adapter``) must not unfreeze a frozen projector copy."""
+        with keep_trainable_flags(self.model):
+            return super()._compute_loss(model, inputs, return_outputs)
+
+    def compute_ref_log_probs(self, model, inputs):  # type: ignore[override]
+        with keep_trainable_flags(self.model):
+            return super().compute_ref_log_probs(model, inputs)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()

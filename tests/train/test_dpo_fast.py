@@ -141,6 +141,21 @@ def test_the_reference_forward_leaves_a_frozen_projector_frozen(setup) -> None:
         trainer.model.zero_grad()
 
 
+def test_trls_reference_forward_leaves_a_frozen_projector_frozen(setup) -> None:
+    """The same on dpo.method: trl, whose reference forward is TRL's own (the divergence stop 21 fixed on the fast path)."""
+    trainer, _, _, pairs = setup
+    copy = [p for n, p in trainer.model.named_parameters() if f"{PROJECTOR_ATTR}.modules_to_save.default" in n]
+    try:
+        for p in copy:
+            p.requires_grad_(False)
+        batch = trainer.data_collator(pairs)
+        trainer.compute_loss(trainer.model, batch)
+        assert copy and not any(p.requires_grad for p in copy)
+    finally:
+        for p in copy:
+            p.requires_grad_(True)
+
+
 def test_loss_formula_and_padding() -> None:
     policy = torch.tensor([[-1.0, -2.0, float("-inf")]])
     ref = torch.tensor([[-1.5, -1.0, float("-inf")]])

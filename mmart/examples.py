@@ -61,13 +61,17 @@ class PromptConfig:
         "help": "0 = every tag with its count; N = only the N most played-from tags of each family, no counts "
                 "(shorter, and a plainer matching task for a small LLM); with history_summary_looks: chosen, the "
                 "N most preferred looks of each family, margins kept."})
+    history_genres: int = field(default=0, metadata={
+        "help": "N > 0: one more line over the whole history, 'Watched 24 titles: drama 12, romance 8, ...', the N "
+                "genres the member watched most with their title counts (the lines show only max_history titles; "
+                "~4 + 3N tokens). 0 = no line."})
     names: bool = field(default=True, metadata={
         "help": "Include title names; off shortens prompts ~2x (the demo world's names only restate genres)."})
 
     def __post_init__(self) -> None:
         from mmart.config_checks import at_least
 
-        at_least(self, 0, "max_history", "history_token_budget", "history_summary_top", "shuffle_seed")
+        at_least(self, 0, "max_history", "history_token_budget", "history_summary_top", "history_genres", "shuffle_seed")
 
 
 @dataclass
@@ -275,6 +279,15 @@ class ExampleBuilder:
                 groups.append(" ".join(f"{v} +{n}" for v, n in kept))
         return "Chose looks over the others: " + "; ".join(groups) if groups else None
 
+    def genre_summary(self, ex: Example) -> str | None:
+        """'Watched 24 titles: drama 12, romance 8, comedy 5' over the whole history (``history_genres`` genres)."""
+        events = self.history_events(ex)
+        counts = Counter(g for ev in events for g in self.titles[ev["title_id"]].genres)
+        if not counts:
+            return None
+        top = ", ".join(f"{g} {n}" for g, n in counts.most_common(self.cfg.history_genres))
+        return f"Watched {len(events)} title{'s' if len(events) != 1 else ''}: {top}"
+
     def prefix_key(self, ex: Example) -> tuple[str, int]:
         """Decisions with equal keys render the same member prefix: same member, same history before them."""
         return ex.user_id, len(self.history_events(ex))
@@ -296,6 +309,9 @@ class ExampleBuilder:
         summary = self.history_summary(ex) if self.cfg.history_summary else None
         if summary:
             pieces.append(Text(summary + "\n"))
+        genres = self.genre_summary(ex) if self.cfg.history_genres else None
+        if genres:
+            pieces.append(Text(genres + "\n"))
         preamble = self.readout.preamble()
         if preamble:
             pieces.append(Text(preamble + "\n"))

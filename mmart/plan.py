@@ -371,6 +371,7 @@ def estimate_prompt_tokens(cfg) -> int:
         line = HISTORY_LINE_TOKENS[p.names] + ((PLAYED_FROM_TOKENS + slots) if p.history_artworks else 0)
         tokens += min(p.max_history * line, p.history_token_budget)
     tokens += SUMMARY_TOKENS if p.history_summary else 0
+    tokens += (4 + 3 * p.history_genres) if p.history_genres else 0  # 'Watched 24 titles: drama 12, ...'
     return tokens + k * (CANDIDATE_TOKENS + slots)
 
 

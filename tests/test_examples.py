@@ -198,6 +198,22 @@ def test_chosen_summary_lists_the_looks_played_beyond_what_the_titles_offered(co
     assert checked > 10
 
 
+def test_genre_line_counts_every_title_watched_before_the_decision(contract):
+    b = ExampleBuilder(contract, PromptConfig(history_genres=2, max_history=1))
+    ex = next(e for e in b.choice_examples("train") if len(b.history_events(e)) >= 3)
+    events = [e for e in b.history[ex.user_id] if e["timestamp"] < ex.timestamp]
+    counts = Counter(g for e in events for g in b.titles[e["title_id"]].genres)
+    line = b.genre_summary(ex)
+    head, listed = line.split(": ", 1)
+    assert head == f"Watched {len(events)} titles"
+    found = {g: int(n) for g, n in (item.rsplit(" ", 1) for item in listed.split(", "))}
+    assert len(found) == 2 and all(counts[g] == n for g, n in found.items())
+    assert min(found.values()) >= max(n for g, n in counts.items() if g not in found)  # the 2 most watched
+    tok = tiny_tokenizer()
+    assert line in PromptEncoder(b, tok).text(ex)  # the whole history, though only 1 line is shown
+    assert "Watched " not in PromptEncoder(ExampleBuilder(contract, PromptConfig(max_history=1)), tok).text(ex)
+
+
 def test_max_history_zero_leaves_only_the_summary(contract):
     b = ExampleBuilder(contract, PromptConfig(history_summary=True, max_history=0))
     ex = next(e for e in b.choice_examples("train") if b.history_summary(e))

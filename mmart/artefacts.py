@@ -26,6 +26,10 @@ STAGES = ("init", "sft", "dpo", "predict", "eval")
 NOT_SHAPING = {"logging_steps", "save_steps", "report_to", "eval_steps"}
 # Keys of a record that say where an input was, not what it was: never compared (a moved run stays fresh).
 WHERE = ("model_dir",)
+# Config fields added after records were first written, each with the value that does what every stage did
+# before the field existed: a record without the field still matches while the config keeps that value, so
+# upgrading mmart does not retrain what the new field would not change. Add each new shaping field here.
+ADDED_LATER: dict[str, Any] = {"prompt.history_genres": 0, "dpo.negatives": "all"}
 
 
 def sha256_files(paths: Iterable[Path]) -> str:
@@ -178,7 +182,8 @@ def differences(recorded: dict | None, wanted: dict, limit: int = 3) -> list[str
         if isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b), key=str):
                 walk(a.get(k), b.get(k), f"{where}.{k}" if where else str(k))
-        elif a != b:
+        elif a != b and not (a is None and where.startswith("config.")
+                             and ADDED_LATER.get(where.split(".", 1)[1], a) == b):
             what = "changed" if where.startswith("inputs") else f"{_short(a)} -> {_short(b)}"
             out.append(f"{where}: {what}")
 

@@ -217,3 +217,18 @@ def test_predict_on_an_exported_folder_asks_for_the_training_config(run, tmp_pat
     assert main(["predict", "--model", str(exported), "--data", str(run.cfg.data_dir), "--out", str(out),
                  "--max-pairs", "4", "--config", str(run.sft / "pipeline.yaml")]) == 0  # the fix it names works
     assert out.is_file()
+
+
+def test_a_record_older_than_a_new_field_still_matches_while_the_field_keeps_its_old_behaviour():
+    """Upgrading mmart retrains nothing a newly added field leaves unchanged (ADDED_LATER), and only that."""
+    from mmart.artefacts import differences
+
+    old = {"stage": "dpo", "config": {"prompt": {"max_history": 6}, "dpo": {"lr": 1e-4}}}
+    now = {"stage": "dpo", "config": {"prompt": {"max_history": 6, "history_genres": 0},
+                                      "dpo": {"lr": 1e-4, "negatives": "all"}}}
+    assert differences(old, now) == []
+    now["config"]["dpo"]["negatives"] = "misordered"
+    assert differences(old, now) == ["config.dpo.negatives: null -> misordered"]
+    now["config"]["dpo"]["negatives"] = "all"
+    now["config"]["prompt"]["unheard_of"] = 0  # a field not declared as added later still counts
+    assert differences(old, now) == ["config.prompt.unheard_of: null -> 0"]

@@ -370,10 +370,10 @@ class MultimodalDPOTrainer(DPOTrainer):
             return dataset
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
-    def _compute_loss(self, model, inputs, return_outputs):  # type: ignore[override]
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
         """TRL's loss; its reference forward (``use_adapter``) must not unfreeze a frozen projector copy."""
         with keep_trainable_flags(self.model):
-            return super()._compute_loss(model, inputs, return_outputs)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def compute_ref_log_probs(self, model, inputs):  # type: ignore[override]
         with keep_trainable_flags(self.model):

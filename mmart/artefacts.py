@@ -29,7 +29,7 @@ WHERE = ("model_dir",)
 # Config fields added after records were first written, each with the value that does what every stage did
 # before the field existed: a record without the field still matches while the config keeps that value, so
 # upgrading mmart does not retrain what the new field would not change. Add each new shaping field here.
-ADDED_LATER: dict[str, Any] = {"prompt.history_genres": 0, "dpo.negatives": "all"}
+ADDED_LATER: dict[str, Any] = {"prompt.history_genres": 0, "dpo.negatives": "all", "prompt.candidate_context": "title"}
 
 
 def sha256_files(paths: Iterable[Path]) -> str:
@@ -106,7 +106,7 @@ def made_from(cfg: Any, stage: str, model_dir: str | Path | None = None, preds: 
     if stage == "predict":
         e = cfg.eval
         return predict_made_from(model_dir, cfg.data_dir, cfg.cache_dir if embeddings else None, e.split, e.max_pairs,
-                                 e.pairs, e.seed, use_bf16(e.bf16))
+                                 e.pairs, e.seed, use_bf16(e.bf16), e.candidate_orders)
     if stage == "eval":
         return eval_made_from(cfg.data_dir, preds or {}, cfg.eval.n_boot, cfg.eval.seed)
     if stage not in ("init", "sft", "dpo"):
@@ -138,13 +138,17 @@ def eval_made_from(data_dir: str | Path, preds: dict[str, str | Path], n_boot: i
 
 
 def predict_made_from(model_dir: str | Path | None, data_dir: str | Path, cache_dir: str | Path | None, split: str,
-                      max_pairs: int, slice_: str, seed: int, bf16: bool) -> dict:
-    """What a predictions file is made from: the model, the data and cache, which pairs, and the precision."""
+                      max_pairs: int, slice_: str, seed: int, bf16: bool, candidate_orders: int = 1) -> dict:
+    """What a predictions file is made from: the model, the data and cache, which pairs, and the precision.
+
+    ``candidate_orders`` is recorded only above 1, so records written before it existed still match."""
     inputs = {"model": model_fingerprint(model_dir) if model_dir else None, "data": data_fingerprint(data_dir)}
     if cache_dir is not None:
         inputs["cache"] = cache_fingerprint(cache_dir)
-    return {"stage": "predict", "inputs": inputs,
-            "config": {"split": split, "max_pairs": max_pairs, "slice": slice_, "seed": seed, "bf16": bool(bf16)}}
+    config = {"split": split, "max_pairs": max_pairs, "slice": slice_, "seed": seed, "bf16": bool(bf16)}
+    if candidate_orders != 1:
+        config["candidate_orders"] = candidate_orders
+    return {"stage": "predict", "inputs": inputs, "config": config}
 
 
 def record_path(artefact: str | Path) -> Path:

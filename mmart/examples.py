@@ -67,11 +67,20 @@ class PromptConfig:
                 "~4 + 3N tokens). 0 = no line."})
     names: bool = field(default=True, metadata={
         "help": "Include title names; off shortens prompts ~2x (the demo world's names only restate genres)."})
+    candidate_context: Literal["title", "own"] = field(default="title", metadata={
+        "help": "title = one block per title, its candidates in a row, so each candidate's score also reads the "
+                "ones before it (and so depends on their order); own = each candidate in a block of its own (the "
+                "title line, then that artwork alone), so its score reads the member and the title only and no "
+                "candidate order can change a choice (per_candidate readout only; ~15% more tokens)."})
 
     def __post_init__(self) -> None:
         from mmart.config_checks import at_least
 
         at_least(self, 0, "max_history", "history_token_budget", "history_summary_top", "history_genres", "shuffle_seed")
+        if self.candidate_context == "own" and self.answer != "per_candidate":
+            raise UserError("prompt.candidate_context=own reads each candidate in its own block, which only the "
+                            "per_candidate readout can (letter reads all candidates at one answer position): "
+                            "set prompt.answer=per_candidate or prompt.candidate_context=title")
 
 
 @dataclass
@@ -115,12 +124,21 @@ class ExampleBuilder:
         self.impressions = contract.frame("impressions").sort_values(["user_id", "title_id", "timestamp", "impression_id"])
 
     # --- Which examples ---------------------------------------------------------------------------
-    def _shuffled(self, title_id: str, key: str) -> list[str]:
+    def _shuffled(self, title_id: str, key: str, seed: int | None = None) -> list[str]:
         cands = list(self.artworks_of[title_id])
         if len(cands) > len(LETTERS):
             raise UserError(f"title {title_id} has {len(cands)} artworks; at most {len(LETTERS)} candidates are supported")
-        order = _stable_rng(self.cfg.shuffle_seed, key).permutation(len(cands))
+        order = _stable_rng(self.cfg.shuffle_seed if seed is None else seed, key).permutation(len(cands))
         return [cands[i] for i in order]
+
+    def reordered(self, ex: Example, order: int) -> Example:
+        """``ex`` (a pair example) with its candidates in the order ``shuffle_seed + order`` gives (0: as it is)."""
+        from dataclasses import replace
+
+        if order == 0:
+            return ex
+        return replace(ex, example_id=f"{ex.example_id}#order{order}",
+                       candidates=self._shuffled(ex.title_id, ex.example_id, self.cfg.shuffle_seed + order))
 
     def _split(self, split: str):
         return self.impressions[self.impressions.split == split]
@@ -324,9 +342,13 @@ class ExampleBuilder:
             line += f". {t.synopsis}"
         return line
 
-    def block_pieces(self, ex: Example, chat_tail: str = "") -> list[Piece]:
-        """The title block: the title line, then the readout's question, candidate lines and closing."""
-        return self.readout.block_pieces(self.title_line(ex), ex.candidates, chat_tail)
+    def block_pieces(self, ex: Example, chat_tail: str = "") -> list[list[Piece]]:
+        """The title's blocks: one (title line, the readout's question, candidate lines, closing), or with
+        ``candidate_context: own`` one per candidate, each that candidate alone (read as the first)."""
+        line = self.title_line(ex)
+        if self.cfg.candidate_context == "own":
+            return [self.readout.block_pieces(line, [aid], chat_tail) for aid in ex.candidates]
+        return [self.readout.block_pieces(line, ex.candidates, chat_tail)]
 
     def caption_text(self, artwork_id: str) -> str:
         caption = " ".join(str(self.captions.get(artwork_id) or "no description").split())  # one line
@@ -344,13 +366,28 @@ class Segment:
 
 @dataclass
 class Decision:
-    """One example, encoded: its member prefix (shared by key), its title block and the tokens it reads."""
+    """One example, encoded: its member prefix (shared by key), its title block(s) and the tokens it reads.
+
+    ``blocks``: one block per title, or one per candidate (``candidate_context: own``); each attends to
+    the prefix and to itself only. ``reads`` lists (block index, position in that block) per candidate.
+    """
 
     example: Example
     prefix_key: tuple[str, int]
     prefix: Segment
-    block: Segment
+    blocks: list[Segment]
     read_ids: list[int]  # [K] token read for each candidate
+
+    @property
+    def reads(self) -> list[tuple[int, int]]:
+        return [(b, r) for b, seg in enumerate(self.blocks) for r in seg.reads]
+
+    @property
+    def block(self) -> Segment:
+        """The title's one block (``candidate_context: title``)."""
+        if len(self.blocks) != 1:
+            raise ValueError(f"decision {self.example.example_id} has {len(self.blocks)} blocks, one per candidate")
+        return self.blocks[0]
 
 
 class PromptEncoder:
@@ -421,14 +458,16 @@ class PromptEncoder:
         key, prefix = self.prefix(ex)
         k = len(ex.candidates)
         tail = self.chat_tail if self.builder.readout.ends_at_answer else ""
-        block = self.encode_pieces(self.builder.block_pieces(ex, tail), k)
-        if len(block.reads) != k:
-            raise AssertionError(f"readout {self.builder.readout.name} marked {len(block.reads)} reads for {k} candidates")
+        parts = self.builder.block_pieces(ex, tail)
+        blocks = [self.encode_pieces(pieces, k if len(parts) == 1 else 1) for pieces in parts]
+        reads = sum(len(b.reads) for b in blocks)
+        if reads != k:
+            raise AssertionError(f"readout {self.builder.readout.name} marked {reads} reads for {k} candidates")
         if k not in self.read_ids_of:
             self.read_ids_of[k] = self.builder.readout.read_token_ids(self.tokenizer, k)
-        return Decision(ex, key, prefix, block, self.read_ids_of[k])
+        return Decision(ex, key, prefix, blocks, self.read_ids_of[k])
 
     def text(self, ex: Example) -> str:
         """The decision's prompt as text (slots shown as the slot token): for reading and tests."""
         d = self.decision(ex)
-        return self.tokenizer.decode(d.prefix.ids + d.block.ids)
+        return self.tokenizer.decode(d.prefix.ids + [t for b in d.blocks for t in b.ids])

@@ -80,7 +80,8 @@ What is counted (per rank, bytes; n = ranks; "/n" only where the accelerate conf
 
 The prompt length s comes from --seq-len or an estimate from the prompt section (chat template
 70 tokens; per history line 21 with title names, 12 without, + 4 + slots with its artwork, capped
-at history_token_budget; history summary 40; title 17 or 7, synopsis 20; per candidate 5 + slots).
+at history_token_budget; history summary 40; title 17 or 7, synopsis 20; per candidate 5 + slots;
+prompt.candidate_context: own repeats the title line, with its synopsis, for every candidate).
 Estimates only: measure on a lent GPU with scripts/bench_gpu.py."""
 
 
@@ -372,6 +373,8 @@ def estimate_prompt_tokens(cfg) -> int:
         tokens += min(p.max_history * line, p.history_token_budget)
     tokens += SUMMARY_TOKENS if p.history_summary else 0
     tokens += (4 + 3 * p.history_genres) if p.history_genres else 0  # 'Watched 24 titles: drama 12, ...'
+    if getattr(p, "candidate_context", "title") == "own":  # every candidate repeats the title line
+        tokens += (k - 1) * (TITLE_TOKENS[p.names] + (SYNOPSIS_TOKENS if p.synopsis else 0))
     return tokens + k * (CANDIDATE_TOKENS + slots)
 
 

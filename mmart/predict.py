@@ -32,7 +32,7 @@ def score_rows(model, rows, pad_token_id: int, batch_size: int = 16, progress: b
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     out: dict[int, np.ndarray] = {}
     dev = next(model.parameters()).device
-    bar = tqdm(total=sum(len(r["answer_ids"]) for r in rows), desc="score", unit="pair", disable=not progress)
+    bar = tqdm(total=sum(len(r["answer_ids"]) for r in rows), desc="score", unit="decision", disable=not progress)
     for s in range(0, len(order), batch_size):
         batch_rows = [rows[i] for i in order[s: s + batch_size]]
         batch = {k: v.to(dev) for k, v in collate_rows(batch_rows, pad_token_id).items()}
@@ -45,6 +45,15 @@ def score_rows(model, rows, pad_token_id: int, batch_size: int = 16, progress: b
         bar.update(sum(len(r["answer_ids"]) for r in batch_rows))
     bar.close()
     return out
+
+
+def average_over_orders(candidates: list[str], views: list[tuple[list[str], np.ndarray]]) -> np.ndarray:
+    """Each of ``candidates``' probability averaged over its views (candidate order, probabilities)."""
+    total = np.zeros(len(candidates))
+    for order, p in views:
+        at = {a: i for i, a in enumerate(order)}
+        total += np.asarray([p[at[a]] for a in candidates], dtype=float)
+    return total / len(views)
 
 
 def uniform_pairs(impressions: pd.DataFrame, split: str) -> set[tuple[str, str]]:
@@ -148,13 +157,18 @@ def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | 
         examples = [ex for ex in examples if (ex.user_id, ex.title_id) in pairs]
     examples = subsample(examples, max_pairs, seed)
     pack = cfg.eval.pack_titles if pack_titles is None else pack_titles
-    rows = decision_rows(encoder_for(inputs, model, tokenizer), examples, cache_rows(inputs.cache), pack,
-                         desc="encode").to_list()
+    orders = cfg.eval.candidate_orders
+    # Each extra order is one more title block behind the same member prefix: decision v * n + i.
+    views = [[inputs.builder.reordered(ex, v) for ex in examples] for v in range(orders)]
+    rows = decision_rows(encoder_for(inputs, model, tokenizer), [ex for view in views for ex in view],
+                         cache_rows(inputs.cache), pack * orders, desc="encode").to_list()
     bf16 = use_bf16(cfg.eval.bf16, "predict")
     prepared = ready_for_scoring(model, bf16)
     scored = score_rows(model, rows, tokenizer.pad_token_id, batch_size, progress, bf16=bf16,
                         readout=inputs.builder.readout)
-    probs = [scored[i] for i in range(len(examples))]
+    n = len(examples)
+    probs = [average_over_orders(ex.candidates, [(views[v][i].candidates, scored[v * n + i]) for v in range(orders)])
+             for i, ex in enumerate(examples)]
     imps = inputs.contract.frame("impressions")
     frame = predictions_frame(examples, probs, imps[imps.split == split])
     if out:
@@ -164,13 +178,13 @@ def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | 
         tmp.replace(out)
         if not chosen_pairs:
             record = predict_made_from(model_dir, data_dir, cfg.cache_dir if inputs.cache is not None else None,
-                                       split, max_pairs, slice_, seed, bf16)
+                                       split, max_pairs, slice_, seed, bf16, orders)
             # Where the model was, so `mmart eval` can write its headline numbers into the model's card.
             write_record(out, {**record, "model_dir": str(model_dir.resolve())})
     if progress:  # the one summary line of a console run
         from mmart.log import say
 
         say(f"[mmart predict] scored {len(examples)} {split} pairs ({len(frame)} impressions) in {len(rows)} rows "
-            f"(up to {pack} titles per member prefix; {prepared}) in {time.perf_counter() - start:.0f}s -> "
+            f"(up to {pack} titles per member prefix; {orders} candidate order{'s' if orders > 1 else ''}; {prepared}) in {time.perf_counter() - start:.0f}s -> "
             + (str(out) if out else "not written (no --out)"))
     return frame

@@ -147,16 +147,21 @@ class HomePageChooser:
         decided_at = decided_at if decided_at is not None else max([w.timestamp for w in history], default=0) + 1
         _, prefix = self._prefix(history, decided_at)
         p = len(prefix.segment.ids)
-        blocks, arts, reads, tokens = [], [], [], []
-        for title_id, candidates in titles.items():
+        blocks, arts, reads, tokens, where = [], [], [], [], []  # where: per block, (title, candidate) of each read
+        for t, (title_id, candidates) in enumerate(titles.items()):
             if title_id not in self.builder.titles:
                 raise UserError(f"title {title_id!r} is not in the catalog's titles table")
             ex = Example(f"serve|{title_id}", _MEMBER, title_id, "serve", decided_at, list(candidates))
             d = self.encoder.decision(ex)
-            blocks.append(d.block.ids)
-            arts.append(d.block.artworks)
-            reads.append(list(d.block.reads))
-            tokens.append(list(d.read_ids))
+            c = 0
+            for block in d.blocks:  # one per title, or one per candidate (prompt.candidate_context: own)
+                n = len(block.reads)
+                blocks.append(block.ids)
+                arts.append(block.artworks)
+                reads.append(list(block.reads))
+                tokens.append(list(d.read_ids[c: c + n]))
+                where.append([(t, c + i) for i in range(n)])
+                c += n
         dev = self._device()
         k = max(len(t) for t in tokens)
         token_ids = torch.tensor([t + [-1] * (k - len(t)) for t in tokens], device=dev)
@@ -170,7 +175,12 @@ class HomePageChooser:
                 logp = read_blocks(self.model, cache, torch.full((len(blocks),), p, device=dev), blocks,
                                    self._rows(arts), read_at, token_ids, fill=prefix.segment.ids[0])
         self.stats["block_forwards"] += 1
-        scores = self.builder.readout.candidate_scores(logp.view(len(titles), k)).float()
+        k_max = max(len(c) for c in titles.values())
+        read = torch.full((len(titles), k_max), float("-inf"), device=logp.device, dtype=logp.dtype)
+        for n, places in enumerate(where):
+            for i, (t, c) in enumerate(places):
+                read[t, c] = logp[n, i]
+        scores = self.builder.readout.candidate_scores(read).float()
         probs = torch.softmax(scores, dim=-1).cpu().numpy()
         return {t: dict(zip(c, np.asarray(probs[i, : len(c)], dtype=float).tolist()))
                 for i, (t, c) in enumerate(titles.items())}

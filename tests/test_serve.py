@@ -23,9 +23,11 @@ class _Cache:
         return torch.tensor([self.index[a] for a in ids])
 
 
-@pytest.mark.parametrize("arch,answer", [("llama", "per_candidate"), ("qwen2", "letter")])
+@pytest.mark.parametrize("arch,answer,context", [("llama", "per_candidate", "title"), ("qwen2", "letter", "title"),
+                                                  ("llama", "per_candidate", "own")])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])  # sdpa on a CPU: the shared-prefix path; eager: a copy per row
-def test_home_page_equals_one_prompt_per_title_and_reuses_the_prefix(tiny_world, arch, answer, attention) -> None:
+def test_home_page_equals_one_prompt_per_title_and_reuses_the_prefix(tiny_world, arch, answer, context, attention
+                                                                     ) -> None:
     from mmart.model.chooser import causal_lm_of
 
     contract = load_contract(tiny_world)
@@ -33,7 +35,7 @@ def test_home_page_equals_one_prompt_per_title_and_reuses_the_prefix(tiny_world,
     model, tok = tiny_chooser(arch, tokens_per_artwork=1, projector_tokens=2, num_artworks=len(arts))
     causal_lm_of(model).set_attn_implementation(attention)
     builder = ExampleBuilder(contract, PromptConfig(answer=answer, max_history=4, history_summary=True, names=False,
-                                                    synopsis=False))
+                                                    synopsis=False, candidate_context=context))
     encoder = PromptEncoder(builder, tok, slots_per_artwork=2)
     cache = _Cache(arts)
     chooser = HomePageChooser(model, tok, builder, encoder, cache)

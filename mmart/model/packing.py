@@ -60,16 +60,21 @@ def _row(ds: Sequence[Any], index: list[int], rows_of, fields: dict[str, Sequenc
     positions = list(range(len(prefix.ids)))
     arts = list(prefix.artworks)
     score_positions, answer_ids = [], []
-    for j, d in enumerate(ds, start=1):
+    segment = 0
+    for d in ds:
         if d.prefix.ids != prefix.ids or d.prefix.artworks != prefix.artworks:
             raise ValueError(f"decisions {ds[0].example.example_id} and {d.example.example_id} share a prefix key "
                              "but not their prefix tokens")
-        start = len(ids)
-        ids.extend(d.block.ids)
-        segments.extend([j] * len(d.block.ids))
-        positions.extend(range(len(prefix.ids), len(prefix.ids) + len(d.block.ids)))
-        arts.extend(d.block.artworks)
-        score_positions.append([start + r for r in d.block.reads])
+        reads = []
+        for block in d.blocks:  # each block its own segment: it sees the prefix and itself
+            segment += 1
+            start = len(ids)
+            ids.extend(block.ids)
+            segments.extend([segment] * len(block.ids))
+            positions.extend(range(len(prefix.ids), len(prefix.ids) + len(block.ids)))
+            arts.extend(block.artworks)
+            reads.extend(start + r for r in block.reads)
+        score_positions.append(reads)
         answer_ids.append(list(d.read_ids))
     row = {
         "input_ids": ids, "segment_ids": segments, "position_ids": positions, "artwork_ids": rows_of(arts),

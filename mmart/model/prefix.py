@@ -79,10 +79,12 @@ def read_log_probs_two_pass(model: nn.Module, batch: dict[str, torch.Tensor]) ->
     arts = batch.get("artwork_ids")
     layout = _slot_layout(model, arts)
 
-    # Where each row's prefix and blocks lie (segments are contiguous: 0, then 1..D, then padding).
+    # Where each row's prefix and blocks lie (segments are contiguous: 0, then 1, 2, ..., then padding);
+    # a decision has one block, or one per candidate (``prompt.candidate_context: own``).
     seg_rows, id_rows = segments.tolist(), input_ids.tolist()
     art_rows = [[a for a in row if a >= 0] for row in arts.tolist()] if layout is not None else None
-    prefix_ids, prefix_arts, block_ids, block_arts, owner, spans = [], [], [], [], [], []
+    pos_rows, tok_rows = score_positions.tolist(), answer_ids.tolist()
+    prefix_ids, prefix_arts, block_ids, block_arts, owner, block_reads = [], [], [], [], [], []
     for r, row in enumerate(seg_rows):
         ends: dict[int, list[int]] = {}
         for i, s in enumerate(row):
@@ -101,14 +103,19 @@ def read_log_probs_two_pass(model: nn.Module, batch: dict[str, torch.Tensor]) ->
         lo, hi = ends[0]
         prefix_ids.append(id_rows[r][lo: hi + 1])
         prefix_arts.append(take(lo, hi))
-        for j in range(1, d + 1):
-            if j not in ends:
-                break
-            lo, hi = ends[j]
+        first = len(block_ids)
+        for s in range(1, max(ends) + 1):
+            lo, hi = ends[s]
             block_ids.append(id_rows[r][lo: hi + 1])
             block_arts.append(take(lo, hi))
             owner.append(r)
-            spans.append((r, j - 1, lo))
+            block_reads.append([])
+        for j in range(d):  # each read goes to the block holding its position: (decision, candidate, where, token)
+            for c in range(k):
+                if tok_rows[r][j][c] >= 0:
+                    pos = pos_rows[r][j][c]
+                    block = first + row[pos] - 1
+                    block_reads[block].append((j, c, pos - ends[row[pos]][0], tok_rows[r][j][c]))
 
     # Pass 1: the prefixes, into a cache.
     p_len = torch.tensor([len(x) for x in prefix_ids], device=dev)
@@ -123,12 +130,14 @@ def read_log_probs_two_pass(model: nn.Module, batch: dict[str, torch.Tensor]) ->
     # Pass 2: every block as its own row, reading its prefix's cache rows.
     owner_t = torch.tensor(owner, device=dev)
     cache.batch_select_indices(owner_t)
-    rows, cols, starts = (torch.tensor(x, device=dev) for x in zip(*spans))
-    at = score_positions[rows, cols] - starts.unsqueeze(-1)  # [N, K], block-relative
-    tokens = answer_ids[rows, cols]  # [N, K]
+    width = max(1, max(len(x) for x in block_reads))
+    at = torch.tensor([[w for _, _, w, _ in x] + [0] * (width - len(x)) for x in block_reads], device=dev)
+    tokens = torch.tensor([[t for *_, t in x] + [-1] * (width - len(x)) for x in block_reads], device=dev)
     picked = read_blocks(model, cache, p_len[owner_t], block_ids, _pad_arts(block_arts, layout, dev), at, tokens, fill)
+    where = [(owner[n], j, c, n, i) for n, x in enumerate(block_reads) for i, (j, c, _, _) in enumerate(x)]
+    rows, decs, cands, blocks, slots = (torch.tensor(v, device=dev) for v in zip(*where))
     out = torch.full((b, d, k), float("-inf"), device=dev, dtype=picked.dtype)
-    return out.index_put((rows, cols), picked)
+    return out.index_put((rows, decs, cands), picked[blocks, slots])
 
 
 def read_blocks(model: nn.Module, cache, prefix_lengths: torch.Tensor, block_ids: list[list[int]],

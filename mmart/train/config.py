@@ -196,6 +196,11 @@ class EvalConfig:
                 "unbiased, and a capped sample then holds ~3x the uniform impressions; true value and IPS stay "
                 "unbiased, since the slice is a random subset of the test pairs)."})
     n_boot: int = field(default=1000, metadata={"help": "Bootstrap resamples for every interval."})
+    candidate_orders: int = field(default=1, metadata={
+        "help": "Score each pair under this many candidate orders (prompt.shuffle_seed, +1, ...) and average each "
+                "candidate's probability: a candidate's score also reads the candidates before it, so one order is "
+                "one noisy view (the default SmolLM2 model changes ~25% of its choices with the order). The extra "
+                "orders share the member prefix, so N orders cost ~1 + 0.25 (N - 1) of one order's tokens."})
     bf16: Bf16 = field(default="auto", metadata={
         "help": "Score under bf16 autocast: " + BF16_HELP + " Probabilities move by ~1e-2 under bf16, so compare "
                 "models scored the same way."})
@@ -209,7 +214,7 @@ class EvalConfig:
         from mmart.data.contract import SPLITS
 
         one_of(self, "split", SPLITS)
-        at_least(self, 1, "batch_size", "n_boot")
+        at_least(self, 1, "batch_size", "n_boot", "candidate_orders")
         at_least(self, 0, "max_pairs")
         seeds(self, "seed")
 

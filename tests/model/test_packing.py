@@ -20,12 +20,17 @@ def contract(tiny_world):
     return load_contract(tiny_world)
 
 
+READOUTS = ["per_candidate", "letter", "own"]  # own: per_candidate with each candidate in a block of its own
+
+
 def _setup(contract, arch: str, answer: str, slots: int = 2):
     arts = list(contract.frame("artworks").artwork_id)
     model, tok = tiny_chooser(arch, tokens_per_artwork=1, projector_tokens=slots, num_artworks=len(arts))
     index = {a: i for i, a in enumerate(arts)}
+    context = "own" if answer == "own" else "title"
+    answer = "per_candidate" if answer == "own" else answer
     builder = ExampleBuilder(contract, PromptConfig(answer=answer, max_history=3, history_summary=True, names=False,
-                                                    synopsis=False))
+                                                    synopsis=False, candidate_context=context))
     enc = PromptEncoder(builder, tok, slots_per_artwork=slots)
     examples = builder.pair_examples("train")
     per_member = Counter(e.user_id for e in examples)
@@ -35,7 +40,7 @@ def _setup(contract, arch: str, answer: str, slots: int = 2):
     return model, tok, enc, [enc.decision(e) for e in chosen], lambda ids: [index[a] for a in ids]
 
 
-@pytest.mark.parametrize("answer", ["per_candidate", "letter"])
+@pytest.mark.parametrize("answer", READOUTS)
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_packed_scores_equal_unpacked_scores(contract, arch: str, answer: str) -> None:
     model, tok, _, decisions, rows_of = _setup(contract, arch, answer)
@@ -57,7 +62,7 @@ def test_packed_scores_equal_unpacked_scores(contract, arch: str, answer: str) -
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("answer", ["per_candidate", "letter"])
+@pytest.mark.parametrize("answer", READOUTS)
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_cached_prefix_pass_equals_the_one_pass_row(contract, arch: str, answer: str, attn: str) -> None:
     """Two passes (prefixes into a cache, then each block as its own row) = one pass under the block mask."""
@@ -107,3 +112,30 @@ def test_changing_one_title_block_leaves_the_others(contract) -> None:
         b = score_batch(model, collate_rows([other], tok.pad_token_id))
     assert (a[0, 0] - b[0, 0]).abs().max() > 1e-4
     torch.testing.assert_close(a[0, 1:], b[0, 1:], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_own_blocks_make_every_candidates_score_independent_of_the_candidate_order(contract, arch: str) -> None:
+    """candidate_context=own: reversing the candidates reverses the scores exactly; with one block per
+    title (the other candidates in view) the same model's scores move."""
+    from dataclasses import replace
+
+    moved = {}
+    for answer in ("own", "per_candidate"):
+        model, tok, enc, decisions, rows_of = _setup(contract, arch, answer)
+        ex = next(d.example for d in decisions if len(d.example.candidates) >= 3)
+        flipped = replace(ex, candidates=ex.candidates[::-1])
+        rows = pack_decisions([enc.decision(ex), enc.decision(flipped)], 1, rows_of)
+        with torch.no_grad():
+            s = score_batch(model, collate_rows(rows, tok.pad_token_id))[:, 0]
+        k = len(ex.candidates)
+        moved[answer] = float((s[0, :k] - s[1, :k].flip(0)).abs().max())
+    assert moved["own"] < 1e-5
+    assert moved["per_candidate"] > 1e-3
+
+
+def test_own_blocks_need_the_per_candidate_readout() -> None:
+    from mmart.errors import UserError
+
+    with pytest.raises(UserError, match="candidate_context=own"):
+        PromptConfig(answer="letter", candidate_context="own")

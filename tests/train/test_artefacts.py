@@ -232,3 +232,35 @@ def test_a_record_older_than_a_new_field_still_matches_while_the_field_keeps_its
     now["config"]["dpo"]["negatives"] = "all"
     now["config"]["prompt"]["unheard_of"] = 0  # a field not declared as added later still counts
     assert differences(old, now) == ["config.prompt.unheard_of: null -> 0"]
+
+
+def test_scoring_under_several_candidate_orders_averages_each_candidates_probability_over_them(run):
+    """eval.candidate_orders=2 = the mean of the two one-order predictions (shuffle_seed and shuffle_seed + 1),
+    candidate by candidate, whatever order each scored them in."""
+    from mmart.predict import predict
+
+    c = replace(run.cfg, eval=replace(run.cfg.eval, bf16=False))
+
+    def scored(cfg, out=None):
+        frame = predict(run.sft, cfg.data_dir, "test", out, cfg=cfg, max_pairs=6, seed=cfg.eval.seed, progress=False)
+        return {(r.user_id, r.title_id): dict(zip(r.candidates, r.probs)) for r in frame.itertuples()}, frame
+
+    first, frame = scored(c)
+    second, _ = scored(replace(c, prompt=replace(c.prompt, shuffle_seed=c.prompt.shuffle_seed + 1)))
+    both, both_frame = scored(replace(c, eval=replace(c.eval, candidate_orders=2)))
+    assert any(list(first[k]) != list(second[k]) for k in first)  # the second order really is another order
+    assert list(both_frame.candidates.map(list)) == list(frame.candidates.map(list))  # reported in the first order
+    for key, probs in both.items():
+        for a, p in probs.items():
+            assert p == pytest.approx((first[key][a] + second[key][a]) / 2, abs=1e-5)
+    assert any(abs(first[k][a] - second[k][a]) > 1e-4 for k in first for a in first[k])  # the average is not a copy
+
+
+def test_several_candidate_orders_are_written_into_the_predictions_record(run, tmp_path):
+    from mmart.artefacts import read_record
+    from mmart.predict import predict
+
+    c = replace(run.cfg, eval=replace(run.cfg.eval, bf16=False, candidate_orders=3))
+    out = tmp_path / "p.parquet"
+    predict(run.sft, c.data_dir, "test", out, cfg=c, max_pairs=2, seed=c.eval.seed, progress=False)
+    assert read_record(out)["config"]["candidate_orders"] == 3

@@ -71,7 +71,7 @@ class PromptConfig:
         "help": "title = one block per title, its candidates in a row, so each candidate's score also reads the "
                 "ones before it (and so depends on their order); own = each candidate in a block of its own (the "
                 "title line, then that artwork alone), so its score reads the member and the title only and no "
-                "candidate order can change a choice (per_candidate readout only; ~15% more tokens)."})
+                "candidate order can change a choice (per_candidate readout only; ~10% more tokens on the default prompt)."})
 
     def __post_init__(self) -> None:
         from mmart.config_checks import at_least
@@ -369,7 +369,7 @@ class Decision:
     """One example, encoded: its member prefix (shared by key), its title block(s) and the tokens it reads.
 
     ``blocks``: one block per title, or one per candidate (``candidate_context: own``); each attends to
-    the prefix and to itself only. ``reads`` lists (block index, position in that block) per candidate.
+    the prefix and to itself only; their reads, in block order, are the candidates'.
     """
 
     example: Example
@@ -377,10 +377,6 @@ class Decision:
     prefix: Segment
     blocks: list[Segment]
     read_ids: list[int]  # [K] token read for each candidate
-
-    @property
-    def reads(self) -> list[tuple[int, int]]:
-        return [(b, r) for b, seg in enumerate(self.blocks) for r in seg.reads]
 
     @property
     def block(self) -> Segment:

@@ -373,7 +373,7 @@ def estimate_prompt_tokens(cfg) -> int:
         tokens += min(p.max_history * line, p.history_token_budget)
     tokens += SUMMARY_TOKENS if p.history_summary else 0
     tokens += (4 + 3 * p.history_genres) if p.history_genres else 0  # 'Watched 24 titles: drama 12, ...'
-    if getattr(p, "candidate_context", "title") == "own":  # every candidate repeats the title line
+    if p.candidate_context == "own":  # every candidate repeats the title line
         tokens += (k - 1) * (TITLE_TOKENS[p.names] + (SYNOPSIS_TOKENS if p.synopsis else 0))
     return tokens + k * (CANDIDATE_TOKENS + slots)
 

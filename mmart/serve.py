@@ -175,11 +175,10 @@ class HomePageChooser:
                 logp = read_blocks(self.model, cache, torch.full((len(blocks),), p, device=dev), blocks,
                                    self._rows(arts), read_at, token_ids, fill=prefix.segment.ids[0])
         self.stats["block_forwards"] += 1
-        k_max = max(len(c) for c in titles.values())
-        read = torch.full((len(titles), k_max), float("-inf"), device=logp.device, dtype=logp.dtype)
-        for n, places in enumerate(where):
-            for i, (t, c) in enumerate(places):
-                read[t, c] = logp[n, i]
+        at = [(t, c, n, i) for n, places in enumerate(where) for i, (t, c) in enumerate(places)]
+        t_at, c_at, n_at, i_at = (torch.tensor(x, device=logp.device) for x in zip(*at))
+        read = torch.full((len(titles), max(len(c) for c in titles.values())), float("-inf"), device=logp.device,
+                          dtype=logp.dtype).index_put((t_at, c_at), logp[n_at, i_at])
         scores = self.builder.readout.candidate_scores(read).float()
         probs = torch.softmax(scores, dim=-1).cpu().numpy()
         return {t: dict(zip(c, np.asarray(probs[i, : len(c)], dtype=float).tolist()))

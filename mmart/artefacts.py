@@ -29,7 +29,8 @@ WHERE = ("model_dir",)
 # Config fields added after records were first written, each with the value that does what every stage did
 # before the field existed: a record without the field still matches while the config keeps that value, so
 # upgrading mmart does not retrain what the new field would not change. Add each new shaping field here.
-ADDED_LATER: dict[str, Any] = {"prompt.history_genres": 0, "dpo.negatives": "all", "prompt.candidate_context": "title"}
+ADDED_LATER: dict[str, Any] = {"prompt.history_genres": 0, "dpo.negatives": "all", "prompt.candidate_context": "title",
+                               "prompt.history_summary_margins": "numbers"}
 
 
 def sha256_files(paths: Iterable[Path]) -> str:

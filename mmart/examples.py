@@ -61,6 +61,10 @@ class PromptConfig:
         "help": "0 = every tag with its count; N = only the N most played-from tags of each family, no counts "
                 "(shorter, and a plainer matching task for a small LLM); with history_summary_looks: chosen, the "
                 "N most preferred looks of each family, margins kept."})
+    history_summary_margins: Literal["numbers", "repeat"] = field(default="numbers", metadata={
+        "help": "How history_summary_looks: chosen writes a look's margin: numbers = 'close-up +3'; repeat = the "
+                "look's word once per unit of margin ('close-up close-up close-up'), so a candidate's artwork slot "
+                "that matches it meets it as often as the member preferred it (a few more tokens)."})
     history_genres: int = field(default=0, metadata={
         "help": "N > 0: one more line over the whole history, 'Watched 24 titles: drama 12, romance 8, ...', the N "
                 "genres the member watched most with their title counts (the lines show only max_history titles; "
@@ -77,6 +81,9 @@ class PromptConfig:
         from mmart.config_checks import at_least
 
         at_least(self, 0, "max_history", "history_token_budget", "history_summary_top", "history_genres", "shuffle_seed")
+        if self.history_summary_margins == "repeat" and self.history_summary_looks != "chosen":
+            raise UserError("prompt.history_summary_margins=repeat writes the margins of history_summary_looks: chosen; "
+                            "set prompt.history_summary_looks=chosen or prompt.history_summary_margins=numbers")
         if self.candidate_context == "own" and self.answer != "per_candidate":
             raise UserError("prompt.candidate_context=own reads each candidate in its own block, which only the "
                             "per_candidate readout can (letter reads all candidates at one answer position): "
@@ -293,7 +300,9 @@ class ExampleBuilder:
         for _, m in sorted(margin.items()):
             kept = [(v, round(x)) for v, x in sorted(m.items(), key=lambda kv: -kv[1]) if round(x) > 0]
             kept = kept[:top] if top > 0 else kept
-            if kept:
+            if kept and self.cfg.history_summary_margins == "repeat":
+                groups.append(" ".join(" ".join([v] * n) for v, n in kept))
+            elif kept:
                 groups.append(" ".join(f"{v} +{n}" for v, n in kept))
         return "Chose looks over the others: " + "; ".join(groups) if groups else None
 

@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 
 from mmart.data.contract import load_contract
+from mmart.errors import UserError
 from mmart.examples import ExampleBuilder, PromptConfig, PromptEncoder
 from mmart.model.llm import SLOT_TOKEN
 from mmart.model.readout import Art, Text
@@ -196,6 +197,27 @@ def test_chosen_summary_lists_the_looks_played_beyond_what_the_titles_offered(co
         assert found == {k: round(v) for k, v in margin.items() if round(v) > 0}
         checked += 1
     assert checked > 10
+
+
+def test_repeated_margins_say_what_the_numbers_say(contract):
+    """``history_summary_margins: repeat`` writes each margin as that many copies of the look's word: the same
+    looks, in the same order, as often as the numbered line says."""
+    numbers = ExampleBuilder(contract, PromptConfig(history_summary=True, history_summary_looks="chosen"))
+    repeat = ExampleBuilder(contract, PromptConfig(history_summary=True, history_summary_looks="chosen",
+                                                   history_summary_margins="repeat"))
+    checked = 0
+    for ex in numbers.pair_examples("train")[:60]:
+        line = numbers.history_summary(ex)
+        if line is None:
+            assert repeat.history_summary(ex) is None
+            continue
+        expected = [" ".join(" ".join([v] * int(n)) for v, n in (p.rsplit(" +", 1) for p in _pairs(group)))
+                    for group in line.split(": ", 1)[1].split("; ")]
+        assert repeat.history_summary(ex) == "Chose looks over the others: " + "; ".join(expected)
+        checked += any(" +2" in p or " +3" in p for p in _pairs(line.split(": ", 1)[1]))
+    assert checked > 0  # some margin above 1 was repeated
+    with pytest.raises(UserError, match="history_summary_looks=chosen"):
+        PromptConfig(history_summary=True, history_summary_margins="repeat")
 
 
 def test_genre_line_counts_every_title_watched_before_the_decision(contract):

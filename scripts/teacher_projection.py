@@ -24,7 +24,8 @@ import pandas as pd
 
 from mmart.data.contract import load_contract
 from mmart.errors import UserError
-from mmart.eval.teacher import TasteTeacher, candidate_features, feature_names, fit_teacher
+from mmart.eval.teacher import (TasteTeacher, candidate_features, feature_names, fit_soft_conditional_logit,
+                                fit_teacher)
 
 
 def features(teacher: TasteTeacher, preds: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -41,24 +42,6 @@ def features(teacher: TasteTeacher, preds: pd.DataFrame) -> tuple[np.ndarray, np
     rate[cand >= 0] = teacher._rate_features(users, flat, teacher._art(flat))[:, 0]
     mask = cand >= 0
     return np.concatenate([x, rate[..., None]], -1) * mask[..., None], mask
-
-
-def fit_soft_logit(x: np.ndarray, mask: np.ndarray, q: np.ndarray, l2: float = 1e-3, steps: int = 50) -> np.ndarray:
-    """Weights of softmax_k(x[n, k] @ w) closest (cross-entropy, L2) to the target distributions ``q``, by Newton."""
-    n, _, f = x.shape
-    w = np.zeros(f)
-    for _ in range(steps):
-        s = np.where(mask, x @ w, -np.inf)
-        p = np.exp(s - s.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        grad = np.einsum("nk,nkf->f", q - p, x) - l2 * n * w
-        xbar = np.einsum("nk,nkf->nf", p, x)
-        xs = (x * np.sqrt(p)[..., None]).reshape(-1, f)
-        step = np.linalg.solve(xs.T @ xs - xbar.T @ xbar + l2 * n * np.eye(f), grad)
-        w += step
-        if float(np.abs(step).max()) < 1e-10:
-            break
-    return w
 
 
 def explained(x: np.ndarray, mask: np.ndarray, log_p: np.ndarray) -> float:
@@ -80,7 +63,7 @@ def project(teacher: TasteTeacher, preds: pd.DataFrame, l2: float = 1e-3) -> tup
     for i, p in enumerate(preds.probs):
         q[i, : len(p)] = np.asarray(p, dtype=float)
     q = q / q.sum(1, keepdims=True)
-    w = fit_soft_logit(x, mask, q, l2)
+    w = fit_soft_conditional_logit(x, mask, q, l2, steps=50)
     s = np.where(mask, x @ w, -np.inf)
     p = np.exp(s - s.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)

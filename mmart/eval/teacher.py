@@ -157,16 +157,25 @@ def feature_names(cat: Catalog) -> list[str]:
 def fit_conditional_logit(x: np.ndarray, mask: np.ndarray, chosen: np.ndarray, l2: float = 1e-4,
                           steps: int = 30) -> np.ndarray:
     """Weights of P(k) = softmax_k(x[n, k] @ w) maximising the log-likelihood of ``chosen`` (L2), by Newton."""
+    target = np.zeros(mask.shape)
+    target[np.arange(len(chosen)), chosen] = 1.0
+    return fit_soft_conditional_logit(x, mask, target, l2, steps)
+
+
+def fit_soft_conditional_logit(x: np.ndarray, mask: np.ndarray, target: np.ndarray, l2: float = 1e-4,
+                               steps: int = 30) -> np.ndarray:
+    """Weights of P(k) = softmax_k(x[n, k] @ w) closest in cross-entropy (L2) to ``target [N, K]``, a
+    distribution over each row's candidates (one-hot: a choice), by Newton."""
     n, _, f = x.shape
     w = np.zeros(f)
     penalty = l2 * n * np.eye(f)
-    xc = x[np.arange(n), chosen]
+    xt = np.einsum("nk,nkf->nf", target, x)
     for _ in range(steps):
         s = np.where(mask, x @ w, -np.inf)
         p = np.exp(s - s.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
         xbar = np.einsum("nk,nkf->nf", p, x)
-        grad = (xc - xbar).sum(0) - penalty @ w
+        grad = (xt - xbar).sum(0) - penalty @ w
         xs = (x * np.sqrt(p)[..., None]).reshape(-1, f)
         step = np.linalg.solve(xs.T @ xs - xbar.T @ xbar + penalty, grad)
         w += step

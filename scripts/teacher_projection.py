@@ -7,7 +7,8 @@ For each predictions file of `mmart predict` it fits a conditional logit of the 
 (never an outcome) on the taste teacher's candidate features (mmart.eval.teacher: the member-by-look interactions
 and the artwork's play rate, the teacher refit on the train logs), prints how much of the variance of the model's
 pair-centred log-probabilities those features explain and the fitted weights, and writes OUT/NAME.parquet: the
-same pairs, each candidate's probability now the fit's. Scoring that file beside the model's tells whether the
+same pairs, each candidate's probability now the fit's (and NAME.made_from.json: the data's and the predictions'
+fingerprints, the fit). Scoring that file beside the model's tells whether the
 model misses the teacher's signal (the projection is no better than the model) or carries it plus something that
 costs (the projection is better): on the default world every SFT model tried projects to about its teacher's
 value while scoring ~0.015 below it (README). Pairs whose title has fewer candidates than the widest are kept
@@ -22,10 +23,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mmart.artefacts import data_fingerprint, sha256_files, write_record
 from mmart.data.contract import load_contract
 from mmart.errors import UserError
 from mmart.eval.teacher import (TasteTeacher, candidate_features, feature_names, fit_soft_conditional_logit,
                                 fit_teacher)
+
+L2 = 1e-3  # per pair: keeps the fit finite where a model's probabilities are near 0 or 1
 
 
 def features(teacher: TasteTeacher, preds: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -55,7 +59,7 @@ def explained(x: np.ndarray, mask: np.ndarray, log_p: np.ndarray) -> float:
     return float(1 - ((y - xs @ beta) ** 2).sum() / (y ** 2).sum())
 
 
-def project(teacher: TasteTeacher, preds: pd.DataFrame, l2: float = 1e-3) -> tuple[pd.DataFrame, float, np.ndarray]:
+def project(teacher: TasteTeacher, preds: pd.DataFrame, l2: float = L2) -> tuple[pd.DataFrame, float, np.ndarray]:
     """The predictions with each candidate's probability replaced by the teacher-feature fit of the model's own
     probabilities (L2 ``l2`` per pair); the features' R^2 over the model's log-probabilities; the fitted weights."""
     x, mask = features(teacher, preds)
@@ -99,11 +103,17 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         names = feature_names(teacher.cat) + ["artwork_rate"]
         for name, path in files.items():
-            projected, r2, w = project(teacher, pd.read_parquet(path))
-            projected.to_parquet(out / f"{name}.parquet", index=False)
-            agree = float(np.mean([a == b for a, b in zip(projected.choice, pd.read_parquet(path).choice)]))
+            preds = pd.read_parquet(path)
+            projected, r2, w = project(teacher, preds)
+            target = out / f"{name}.parquet"
+            projected.to_parquet(target, index=False)
+            write_record(target, {"stage": "teacher_projection", "config": {"teacher": "taste", "l2": L2},
+                                  "inputs": {"data": data_fingerprint(args.data),
+                                             "predictions": sha256_files([Path(path)])[:16]},
+                                  "explained": r2, "weights": dict(zip(names, map(float, w)))})
+            agree = float(np.mean([a == b for a, b in zip(projected.choice, preds.choice)]))
             print(f"{name}: teacher features explain {r2:.1%} of its log-probabilities; the projection chooses as "
-                  f"the model on {agree:.1%} of {len(projected)} rows -> {out / (name + '.parquet')}")
+                  f"the model on {agree:.1%} of {len(projected)} rows -> {target}")
             print("  weights: " + ", ".join(f"{n} {v:+.2f}" for n, v in zip(names, w)))
     except UserError as e:
         raise SystemExit(f"teacher_projection: {e}") from None

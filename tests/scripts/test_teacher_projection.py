@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mmart.artefacts import read_record
 from mmart.data.contract import load_contract
 from mmart.eval.teacher import fit_teacher
 
@@ -76,5 +77,7 @@ def test_cli_writes_one_projected_file_per_prediction(projection, tiny_world, tm
     assert projection.main(["--data", str(tiny_world), "--pred", f"m={path}", "--out", str(tmp_path / "out")]) == 0
     assert "teacher features explain" in capsys.readouterr().out
     assert len(pd.read_parquet(tmp_path / "out" / "m.parquet")) == len(pd.read_parquet(path))
+    record = read_record(tmp_path / "out" / "m.parquet")
+    assert record["stage"] == "teacher_projection" and record["inputs"]["predictions"] and 0 <= record["explained"] <= 1
     with pytest.raises(SystemExit, match="NAME=PATH"):
         projection.main(["--data", str(tiny_world), "--pred", str(path), "--out", str(tmp_path / "out")])

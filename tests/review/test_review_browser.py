@@ -28,6 +28,7 @@ TIMEOUT = 30.0
 
 pytestmark = [
     pytest.mark.browser,
+    pytest.mark.needs_extra,
     pytest.mark.skipif(CHROMIUM is None, reason="chromium is not on the PATH (Debian: apt-get install -y chromium)"),
 ]
 

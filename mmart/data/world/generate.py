@@ -10,6 +10,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -85,30 +86,77 @@ def _gumbel_topk(scores: np.ndarray, k: int, rng: np.random.Generator) -> np.nda
     return np.take_along_axis(top, order, axis=1)
 
 
+@dataclass
+class _Draws:
+    """Who watched and was shown what: the member-by-title draws every later table reads."""
+    hist_user: np.ndarray  # [events] member index of each history event
+    hist_title: np.ndarray  # [events] title index
+    pair_user: np.ndarray  # [pairs] member index of each impression pair
+    pair_title: np.ndarray  # [pairs] title index
+
+
 def generate_world(cfg: WorldConfig, out_dir: str | Path, progress: bool = True) -> dict:
+    """Every table of the world from one random stream, drawn in a fixed order (each step below draws in turn, so
+    reordering the steps would change every world): catalog, who watched and was shown what, histories,
+    impressions, the oracle; then the files."""
     start = time.perf_counter()
     out = Path(out_dir)
-    h_lo, h_hi = cfg.history_length
-    p_lo, p_hi = cfg.pairs_per_member
-    if h_hi + p_hi > cfg.num_titles:
-        raise UserError(f"history_length max ({h_hi}) + pairs_per_member max ({p_hi}) exceeds num_titles "
-                        f"({cfg.num_titles}): a member cannot watch and be shown that many distinct titles")
+    _check_sizes(cfg)
     is_new = new_titles(cfg)
     rng = np.random.default_rng(cfg.seed)
     catalog = sim.sample_catalog(cfg, rng)
     members = sim.sample_members(cfg, rng)
-    n_themes, a_per = len(cfg.themes), cfg.artworks_per_title
     title_ids, user_ids = _ids("t", cfg.num_titles), _ids("u", cfg.num_members)
-    art_ids = [[f"{tid}_a{j}" for j in range(a_per)] for tid in title_ids]
+    art_ids = [[f"{tid}_a{j}" for j in range(cfg.artworks_per_title)] for tid in title_ids]
 
-    # --- Titles and artworks ---------------------------------------------------------------
+    titles_tbl, artworks_tbl, specs = _catalog_tables(cfg, catalog, rng, title_ids, art_ids)
+    draws = _draw_titles(cfg, members, catalog, rng)
+    users_tbl, kept, genre_share = _histories(cfg, members, catalog, rng, draws, is_new, title_ids, art_ids, user_ids)
+    imp = _impressions(cfg, members, catalog, rng, draws, is_new, genre_share)
+    imp_tbl = _impressions_table(imp, draws, title_ids, user_ids, art_ids)
+    oracle_tbl = _oracle_table(cfg, imp, draws, title_ids, user_ids, art_ids)
+
+    _write_world(cfg, out, specs, artworks_tbl, progress,
+                 {"titles": titles_tbl, "artworks": artworks_tbl, "users": users_tbl, "impressions": imp_tbl,
+                  "oracle": oracle_tbl})
+    (out / NEW_TITLES_FILE).write_text(json.dumps({
+        "about": "titles held out of every training decision (new_title_fraction): no train or val pair, "
+                 "in no member's history; all their pairs are test pairs",
+        "title_ids": [title_ids[t] for t in np.flatnonzero(is_new)]}, indent=1) + "\n")
+
+    summary = _summary(cfg, imp.p_play, imp.p_taste, imp.prod, imp.split, imp.uniform, draws.pair_title,
+                       imp.pair_i, imp.shown, imp.played, imp.logging)
+    summary["sizes"].update({"titles": cfg.num_titles, "artworks": len(artworks_tbl), "members": cfg.num_members,
+                             "history_events": int(kept.sum()), "new_titles": int(is_new.sum()),
+                             "new_title_test_pairs": int(is_new[draws.pair_title].sum())})
+    test = imp.split == "test"
+    summary["test_policy_values"]["teacher"] = _teacher_value(
+        out, [user_ids[u] for u in draws.pair_user[test]], [art_ids[t] for t in draws.pair_title[test]],
+        imp.p_play[test])
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    summary["config"] = to_dict(cfg)
+    (out / "world_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _contact_sheet(cfg, catalog, specs, out)
+    return summary
+
+
+def _check_sizes(cfg: WorldConfig) -> None:
+    h_hi, p_hi = cfg.history_length[1], cfg.pairs_per_member[1]
+    if h_hi + p_hi > cfg.num_titles:
+        raise UserError(f"history_length max ({h_hi}) + pairs_per_member max ({p_hi}) exceeds num_titles "
+                        f"({cfg.num_titles}): a member cannot watch and be shown that many distinct titles")
+
+
+def _catalog_tables(cfg: WorldConfig, catalog: sim.Catalog, rng: np.random.Generator, title_ids: list[str],
+                    art_ids: list[list[str]]) -> tuple[pa.Table, pa.Table, list[ArtworkSpec]]:
+    """The titles and artworks tables, and what to render for each artwork (same order as the table)."""
     names, synopses, genres = _title_text(cfg, catalog, rng)
     years = rng.integers(1970, 2026, cfg.num_titles)
     titles_tbl = pa.table({"title_id": title_ids, "name": names, "genres": genres, "synopsis": synopses,
                            "year": pa.array(years, pa.int64())})
     art_rows, specs = [], []
     for t in range(cfg.num_titles):
-        for j in range(a_per):
+        for j in range(cfg.artworks_per_title):
             theme = cfg.themes[catalog.art_theme[t, j]]
             style = catalog.art_style[t, j] > 0
             tags = [f"theme:{theme}"] + [f"{kind}:{pair[0] if on else pair[1]}"
@@ -121,8 +169,14 @@ def generate_world(cfg: WorldConfig, out_dir: str | Path, progress: bool = True)
                                      seed=int(cfg.seed * 1_000_003 + t * 8 + j)))
     artworks_tbl = pa.table({k: [r[i] for r in art_rows] for i, k in
                              enumerate(("artwork_id", "title_id", "path", "tags", "caption"))})
+    return titles_tbl, artworks_tbl, specs
 
-    # --- Histories and impression pairs: titles drawn by affinity and popularity --------------
+
+def _draw_titles(cfg: WorldConfig, members: sim.Members, catalog: sim.Catalog,
+                 rng: np.random.Generator) -> _Draws:
+    """Each member's watched titles and impression-pair titles, distinct, drawn by affinity and popularity."""
+    h_lo, h_hi = cfg.history_length
+    p_lo, p_hi = cfg.pairs_per_member
     h_len = rng.integers(h_lo, h_hi + 1, cfg.num_members)
     n_pairs = rng.integers(p_lo, p_hi + 1, cfg.num_members)
     hist_user, hist_title, pair_user, pair_title = [], [], [], []
@@ -130,18 +184,24 @@ def generate_world(cfg: WorldConfig, out_dir: str | Path, progress: bool = True)
     all_titles = np.arange(cfg.num_titles)
     for s in range(0, cfg.num_members, chunk):
         users = np.arange(s, min(s + chunk, cfg.num_members))
-        aff = n_themes * members.theme_pref[users] @ catalog.title_mix.T - 1.0
+        aff = len(cfg.themes) * members.theme_pref[users] @ catalog.title_mix.T - 1.0
         picks = _gumbel_topk(aff + 0.5 * catalog.popularity[all_titles][None, :], h_hi + p_hi, rng)
         for row, u in enumerate(users):
             chosen = picks[row, : h_len[u] + n_pairs[u]][rng.permutation(h_len[u] + n_pairs[u])]
             hist_user.append(np.full(h_len[u], u)); hist_title.append(chosen[: h_len[u]])
             pair_user.append(np.full(n_pairs[u], u)); pair_title.append(chosen[h_len[u]:])
-    hist_user, hist_title = np.concatenate(hist_user), np.concatenate(hist_title)
-    pair_user, pair_title = np.concatenate(pair_user), np.concatenate(pair_title)
+    return _Draws(np.concatenate(hist_user), np.concatenate(hist_title), np.concatenate(pair_user),
+                  np.concatenate(pair_title))
 
-    # History: rating from affinity; artwork played from, chosen by the play model itself.
+
+def _histories(cfg: WorldConfig, members: sim.Members, catalog: sim.Catalog, rng: np.random.Generator,
+               draws: _Draws, is_new: np.ndarray, title_ids: list[str], art_ids: list[list[str]],
+               user_ids: list[str]) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """The users table (ratings from affinity; the artwork played from, chosen by the play model itself), which
+    history events were kept, and each member's genre shares (what production reads from the history)."""
+    hist_user, hist_title = draws.hist_user, draws.hist_title
     hist_logits = sim.play_logits(cfg, members, catalog, hist_user, hist_title,
-                                  rng.normal(0, cfg.noise_std, (len(hist_user), a_per)))
+                                  rng.normal(0, cfg.noise_std, (len(hist_user), cfg.artworks_per_title)))
     hist_p = sim.sigmoid(hist_logits)
     hist_choice = (hist_p.cumsum(1) / hist_p.sum(1, keepdims=True) > rng.random((len(hist_user), 1))).argmax(1)
     hist_aff = sim.affinity(cfg, members, catalog, hist_user, hist_title)
@@ -160,13 +220,33 @@ def generate_world(cfg: WorldConfig, out_dir: str | Path, progress: bool = True)
                              "artwork_id": art_ids[t][hist_choice[i]] if known[i] else None,
                              "timestamp": int(hist_ts[i])})
     users_tbl = pa.table({"user_id": user_ids, "history": pa.array(histories, HISTORY_TYPE)})
-
-    # Genre share per member (what production reads from the history).
-    genre_counts = np.zeros((cfg.num_members, n_themes))
+    genre_counts = np.zeros((cfg.num_members, len(cfg.themes)))
     np.add.at(genre_counts, hist_user[kept], (catalog.title_mix[hist_title[kept]] > 0).astype(float))
     genre_share = genre_counts / np.maximum(np.bincount(hist_user[kept], minlength=cfg.num_members), 1)[:, None]
+    return users_tbl, kept, genre_share
 
-    # --- Impressions --------------------------------------------------------------------------
+
+@dataclass
+class _Impressions:
+    """Per pair ([pairs] or [pairs, artworks]) and per logged impression ([impressions], sorted by pair, round)."""
+    split: np.ndarray
+    uniform: np.ndarray
+    p_play: np.ndarray
+    p_taste: np.ndarray
+    prod: np.ndarray
+    logging: np.ndarray
+    pair_ts: np.ndarray
+    pair_i: np.ndarray  # [impressions] the pair each impression belongs to
+    rnd: np.ndarray  # [impressions] its round within the pair
+    shown: np.ndarray
+    propensity: np.ndarray
+    played: np.ndarray
+
+
+def _impressions(cfg: WorldConfig, members: sim.Members, catalog: sim.Catalog, rng: np.random.Generator,
+                 draws: _Draws, is_new: np.ndarray, genre_share: np.ndarray) -> _Impressions:
+    """Splits, the logging policy, and the rounds of impressions of each pair until a play or a stop."""
+    pair_user, pair_title, a_per = draws.pair_user, draws.pair_title, cfg.artworks_per_title
     n = len(pair_user)
     u_split = rng.random(n)
     split = np.where(u_split < cfg.test_fraction, "test", np.where(u_split < cfg.test_fraction + cfg.val_fraction, "val", "train"))
@@ -195,64 +275,59 @@ def generate_world(cfg: WorldConfig, out_dir: str | Path, progress: bool = True)
         active[idx] = ~played & (rng.random(len(idx)) < cfg.continue_prob)
     pair_i = np.concatenate(rows["pair"]); rnd = np.concatenate(rows["round"])
     order = np.lexsort((rnd, pair_i))
-    pair_i, rnd = pair_i[order], rnd[order]
-    shown = np.concatenate(rows["shown"])[order]
-    imp_tbl = pa.table({
+    return _Impressions(split, uniform, p_play, p_taste, prod, logging, pair_ts, pair_i[order], rnd[order],
+                        np.concatenate(rows["shown"])[order], np.concatenate(rows["propensity"])[order],
+                        np.concatenate(rows["played"])[order])
+
+
+def _impressions_table(imp: _Impressions, draws: _Draws, title_ids: list[str], user_ids: list[str],
+                       art_ids: list[list[str]]) -> pa.Table:
+    pair_i, pair_title = imp.pair_i, draws.pair_title
+    return pa.table({
         "impression_id": _ids("i", len(pair_i)),
-        "user_id": [user_ids[u] for u in pair_user[pair_i]],
+        "user_id": [user_ids[u] for u in draws.pair_user[pair_i]],
         "title_id": [title_ids[t] for t in pair_title[pair_i]],
-        "shown_artwork_id": [art_ids[t][s] for t, s in zip(pair_title[pair_i], shown)],
-        "propensity": pa.array(np.concatenate(rows["propensity"])[order], pa.float64()),
-        "played": pa.array(np.concatenate(rows["played"])[order], pa.bool_()),
-        "timestamp": pa.array(pair_ts[pair_i] + 3600 * rnd, pa.int64()),
-        "split": split[pair_i].tolist(),
-        "logging_policy": np.where(uniform[pair_i], "uniform", "production").tolist(),
+        "shown_artwork_id": [art_ids[t][s] for t, s in zip(pair_title[pair_i], imp.shown)],
+        "propensity": pa.array(imp.propensity, pa.float64()),
+        "played": pa.array(imp.played, pa.bool_()),
+        "timestamp": pa.array(imp.pair_ts[pair_i] + 3600 * imp.rnd, pa.int64()),
+        "split": imp.split[pair_i].tolist(),
+        "logging_policy": np.where(imp.uniform[pair_i], "uniform", "production").tolist(),
     })
 
-    # --- Oracle: true play probability of every pair's candidates (beside the contract) -------
-    oracle_tbl = pa.table({
-        "user_id": [user_ids[u] for u in np.repeat(pair_user, a_per)],
-        "title_id": [title_ids[t] for t in np.repeat(pair_title, a_per)],
-        "artwork_id": [art_ids[t][j] for t in pair_title for j in range(a_per)],
-        "split": np.repeat(split, a_per).tolist(),
-        "p_play": pa.array(p_play.ravel(), pa.float64()),
-        "p_taste": pa.array(p_taste.ravel(), pa.float64()),
-        "production_prob": pa.array(prod.ravel(), pa.float64()),
+
+def _oracle_table(cfg: WorldConfig, imp: _Impressions, draws: _Draws, title_ids: list[str], user_ids: list[str],
+                  art_ids: list[list[str]]) -> pa.Table:
+    """The true play probability of every pair's candidates (beside the contract, never read by training)."""
+    a_per = cfg.artworks_per_title
+    return pa.table({
+        "user_id": [user_ids[u] for u in np.repeat(draws.pair_user, a_per)],
+        "title_id": [title_ids[t] for t in np.repeat(draws.pair_title, a_per)],
+        "artwork_id": [art_ids[t][j] for t in draws.pair_title for j in range(a_per)],
+        "split": np.repeat(imp.split, a_per).tolist(),
+        "p_play": pa.array(imp.p_play.ravel(), pa.float64()),
+        "p_taste": pa.array(imp.p_taste.ravel(), pa.float64()),
+        "production_prob": pa.array(imp.prod.ravel(), pa.float64()),
     })
 
-    # --- Write: tables, then images; a rerun replaces the folder's content -----------------------
+
+def _write_world(cfg: WorldConfig, out: Path, specs: list[ArtworkSpec], artworks_tbl: pa.Table, progress: bool,
+                 tables: dict[str, pa.Table]) -> None:
+    """Images, then tables; a rerun replaces the folder's content."""
     out.mkdir(parents=True, exist_ok=True)
     img_dir = out / "images"
     if img_dir.exists():
         shutil.rmtree(img_dir)
     img_dir.mkdir()
-    jobs = [(spec, cfg.image_width, cfg.image_height, str(out / r[2])) for spec, r in zip(specs, art_rows)]
+    jobs = [(spec, cfg.image_width, cfg.image_height, str(out / path))
+            for spec, path in zip(specs, artworks_tbl.column("path").to_pylist())]
     workers = min(len(jobs) // 500 + 1, os.cpu_count() or 1)
     it = (map(_render_one, jobs) if workers == 1
           else ProcessPoolExecutor(workers).map(_render_one, jobs, chunksize=64))
     for _ in tqdm(it, total=len(jobs), desc="render artworks", unit="img", disable=not progress):
         pass
-    for name, tbl in (("titles", titles_tbl), ("artworks", artworks_tbl), ("users", users_tbl),
-                      ("impressions", imp_tbl), ("oracle", oracle_tbl)):
+    for name, tbl in tables.items():
         _write(tbl, out / f"{name}.parquet")
-    (out / NEW_TITLES_FILE).write_text(json.dumps({
-        "about": "titles held out of every training decision (new_title_fraction): no train or val pair, "
-                 "in no member's history; all their pairs are test pairs",
-        "title_ids": [title_ids[t] for t in np.flatnonzero(is_new)]}, indent=1) + "\n")
-
-    summary = _summary(cfg, p_play, p_taste, prod, split, uniform, pair_title, pair_i, shown,
-                       np.concatenate(rows["played"])[order], logging)
-    summary["sizes"].update({"titles": cfg.num_titles, "artworks": len(art_rows), "members": cfg.num_members,
-                             "history_events": int(kept.sum()), "new_titles": int(is_new.sum()),
-                             "new_title_test_pairs": int(is_new[pair_title].sum())})
-    test = split == "test"
-    summary["test_policy_values"]["teacher"] = _teacher_value(
-        out, [user_ids[u] for u in pair_user[test]], [art_ids[t] for t in pair_title[test]], p_play[test])
-    summary["seconds"] = round(time.perf_counter() - start, 1)
-    summary["config"] = to_dict(cfg)
-    (out / "world_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _contact_sheet(cfg, catalog, specs, out)
-    return summary
 
 
 def _summary(cfg, p_play, p_taste, prod, split, uniform, pair_title, pair_i, shown, played, logging) -> dict:

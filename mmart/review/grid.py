@@ -219,13 +219,22 @@ def _cell_marks(row: TitleRow, artwork_id: str) -> list[str]:
     return keys
 
 
-def render_grid(review: MemberReview, split: str = "test", model_label: str = "model",
-                thumb: tuple[int, int] | None = None) -> tuple[Image.Image, GridLayout]:
-    """Draw one member's grid; returns the image and where each thumbnail and mark landed."""
+@dataclass
+class _Sizes:
+    """Every size the grid's parts need, fixed before drawing (the canvas is sized once)."""
+    thumb: tuple[int, int]
+    hist_thumb: tuple[int, int]
+    cell_w: int
+    label_slots: list[str]
+    hist_h: int
+    row_heights: list[int]
+    header_h: int
+    width: int
+    height: int
+
+
+def _sizes(review: MemberReview, demo: bool, thumb: tuple[int, int]) -> _Sizes:
     rows = review.rows
-    demo = any(r.oracle_choice is not None for r in rows)
-    if thumb is None:
-        thumb = thumb_size([c.image for r in rows for c in r.candidates])
     tw, th = thumb
     cell_w = tw + 2 * FRAME + 2 * CELL_PAD
     # Under each thumbnail: letter + probability, a bar, true p (demo), then one slot per mark and production.
@@ -234,17 +243,33 @@ def render_grid(review: MemberReview, split: str = "test", model_label: str = "m
     k_max = max(len(r.candidates) for r in rows)
     hist_thumb = (round(tw * HISTORY_SCALE), round(th * HISTORY_SCALE))
     hist_h = 26 + hist_thumb[1] + 6 + HISTORY_MAX_LINES * 15 + 2 * LINE + 8 if review.history else 26 + LINE + 8
-
-    left_heights = [_left_column_height(r, demo) for r in rows]
-    row_heights = [max(cell_h, h) + 16 for h in left_heights]
+    row_heights = [max(cell_h, _left_column_height(r, demo)) + 16 for r in rows]
     header_h = 30 + 22 + 22 + (len(MARKS) if demo else 2) * 18 + 10
     width = 2 * PAD + max(LEFT_W + k_max * cell_w, len(review.history) * HISTORY_W, 760)
     height = PAD + header_h + hist_h + 10 + sum(row_heights) + PAD
-    c = _Canvas(width, height)
-    layout = GridLayout(size=(width, height))
+    return _Sizes(thumb, hist_thumb, cell_w, label_slots, hist_h, row_heights, header_h, width, height)
 
-    # --- Header: who, what, and the legend ------------------------------------------------------
-    y = PAD
+
+def render_grid(review: MemberReview, split: str = "test", model_label: str = "model",
+                thumb: tuple[int, int] | None = None) -> tuple[Image.Image, GridLayout]:
+    """Draw one member's grid; returns the image and where each thumbnail and mark landed."""
+    demo = any(r.oracle_choice is not None for r in review.rows)
+    if thumb is None:
+        thumb = thumb_size([c.image for r in review.rows for c in r.candidates])
+    sz = _sizes(review, demo, thumb)
+    c = _Canvas(sz.width, sz.height)
+    layout = GridLayout(size=(sz.width, sz.height))
+    y = _header(c, review, split, model_label, demo, PAD)
+    y = _history_strip(c, layout, review, sz, y)
+    for row, row_h in zip(review.rows, sz.row_heights):
+        _title_row(c, layout, row, sz, demo, y)
+        y += row_h
+    return c.image, layout
+
+
+def _header(c: _Canvas, review: MemberReview, split: str, model_label: str, demo: bool, y: int) -> int:
+    """Who, what, and the legend; returns the y below it."""
+    width, rows = c.image.width, review.rows
     c.text((PAD, y), f"Member {review.user_id}", 22, width=width - 2 * PAD)
     y += 30
     summary = f"split {split} | {len(rows)} title{'s' * (len(rows) != 1)} reviewed | scores: {model_label}"
@@ -265,11 +290,14 @@ def render_grid(review: MemberReview, split: str = "test", model_label: str = "m
         c.text((PAD + 22, y), f"{m.label}: {m.meaning}; {('outer', 'middle', 'inner')[m.ring]} frame", 13, m.text,
                width=width - 2 * PAD - 22)
         y += 18
-    y += 10
+    return y + 10
 
-    # --- History strip ---------------------------------------------------------------------------
-    c.draw.line((PAD, y, width - PAD, y), fill=RULE)
+
+def _history_strip(c: _Canvas, layout: GridLayout, review: MemberReview, sz: _Sizes, y: int) -> int:
+    """The member's recent history, most recent first; returns the y below it."""
+    c.draw.line((PAD, y, sz.width - PAD, y), fill=RULE)
     y += 6
+    hist_thumb = sz.hist_thumb
     if review.history:
         c.text((PAD, y), "History: most recent first, before these decisions", 14, INK)
         y += 26
@@ -279,36 +307,36 @@ def render_grid(review: MemberReview, split: str = "test", model_label: str = "m
             c.image.paste(load_thumb(h.image, hist_thumb) if h.image else _unknown(hist_thumb), box[:2])
             layout.history.append(box)
             ty = y + hist_thumb[1] + 6
-            ty = c.lines(x, ty, wrap(h.name, font(13), HISTORY_W - 8, HISTORY_MAX_LINES), 13, INK, 15)
+            c.lines(x, ty, wrap(h.name, font(13), HISTORY_W - 8, HISTORY_MAX_LINES), 13, INK, 15)
             ty = y + hist_thumb[1] + 6 + HISTORY_MAX_LINES * 15
             c.text((x, ty), ", ".join(h.genres), 12, MUTED, width=HISTORY_W - 8)
             c.text((x, ty + LINE), f"rated {h.rating}/5" if h.rating is not None else "no rating", 12, MUTED)
-        y += hist_h - 26
+        y += sz.hist_h - 26
     else:
         c.text((PAD, y), "History: none before these decisions", 14, MUTED)
-        y += hist_h
-    y += 10
+        y += sz.hist_h
+    return y + 10
 
-    # --- One row per title -----------------------------------------------------------------------
-    for row, row_h in zip(rows, row_heights):
-        c.draw.line((PAD, y, width - PAD, y), fill=RULE)
-        top = y + 10
-        _left_column(c, row, PAD, top, demo)
-        for j, cand in enumerate(row.candidates):
-            x = PAD + LEFT_W + j * cell_w + CELL_PAD
-            tbox = (x + FRAME, top + FRAME, x + FRAME + tw, top + FRAME + th)
-            c.image.paste(load_thumb(cand.image, thumb), tbox[:2])
-            c.draw.rectangle((tbox[0] - 1, tbox[1] - 1, tbox[2], tbox[3]), outline=RULE)  # edge of an unmarked card
-            keys = _cell_marks(row, cand.artwork_id)
-            for key in keys:
-                m = MARK[key]
-                x0, y0, x1, y1 = ring_box(tbox, m.ring)
-                c.draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=m.frame, width=RING)
-            layout.thumbs[(row.title_id, cand.artwork_id)] = tbox
-            layout.marks[(row.title_id, cand.artwork_id)] = keys
-            _cell_labels(c, row, cand, keys, x, top + 2 * FRAME + th + 6, tw + 2 * FRAME, label_slots, demo)
-        y += row_h
-    return c.image, layout
+
+def _title_row(c: _Canvas, layout: GridLayout, row: TitleRow, sz: _Sizes, demo: bool, y: int) -> None:
+    """One reviewed title: its left column, then each candidate framed by its marks and labelled."""
+    tw, th = sz.thumb
+    c.draw.line((PAD, y, sz.width - PAD, y), fill=RULE)
+    top = y + 10
+    _left_column(c, row, PAD, top, demo)
+    for j, cand in enumerate(row.candidates):
+        x = PAD + LEFT_W + j * sz.cell_w + CELL_PAD
+        tbox = (x + FRAME, top + FRAME, x + FRAME + tw, top + FRAME + th)
+        c.image.paste(load_thumb(cand.image, sz.thumb), tbox[:2])
+        c.draw.rectangle((tbox[0] - 1, tbox[1] - 1, tbox[2], tbox[3]), outline=RULE)  # edge of an unmarked card
+        keys = _cell_marks(row, cand.artwork_id)
+        for key in keys:
+            m = MARK[key]
+            x0, y0, x1, y1 = ring_box(tbox, m.ring)
+            c.draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=m.frame, width=RING)
+        layout.thumbs[(row.title_id, cand.artwork_id)] = tbox
+        layout.marks[(row.title_id, cand.artwork_id)] = keys
+        _cell_labels(c, row, cand, keys, x, top + 2 * FRAME + th + 6, tw + 2 * FRAME, sz.label_slots, demo)
 
 
 def _swatch(c: _Canvas, x: int, y: int, m: Mark) -> None:

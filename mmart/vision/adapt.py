@@ -107,10 +107,6 @@ def adapted_made_from(path: str | Path) -> dict[str, Any] | None:
 def adapt_tower(data_dir: str | Path, vision: VisionConfig, out_path: str | Path, num_workers: int = 2,
                 progress: bool = True) -> dict[str, Any]:
     """Train ``vision.model`` (from its pretrained tag, else a seeded init) on the catalog; save to ``out_path``."""
-    import open_clip
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
     from mmart.data.contract import load_contract
 
     cfg = vision.adapt
@@ -118,19 +114,9 @@ def adapt_tower(data_dir: str | Path, vision: VisionConfig, out_path: str | Path
     keep_freed_memory()
     register_models()
     contract = load_contract(data_dir, check=False)
-    frame = contract.frame("artworks")
     items = catalog_items(contract)
-    texts_all = artwork_texts(frame, cfg.text)
-
-    torch.manual_seed(cfg.seed)
-    with quiet_random_init(vision.model, random_init=not vision.pretrained):
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            vision.model, pretrained=vision.pretrained or None,
-            image_mean=tuple(vision.image_mean) if vision.image_mean else None,
-            image_std=tuple(vision.image_std) if vision.image_std else None,
-            image_interpolation=vision.image_interpolation, image_resize_mode=vision.image_resize_mode,
-            output_dict=True)
-    tokenizer = open_clip.get_tokenizer(vision.model)
+    texts_all = artwork_texts(contract.frame("artworks"), cfg.text)
+    model, preprocess, tokenizer = _seeded_model(vision)
 
     pixels, positions, bad = decode_all(items, preprocess, num_workers)
     if bad:
@@ -140,6 +126,41 @@ def adapt_tower(data_dir: str | Path, vision: VisionConfig, out_path: str | Path
     where = {t: i for i, t in enumerate(uniq)}
     text_ids = np.array([where[t] for t in texts])
     tokens = tokenizer(uniq)  # [num_distinct_texts, context_length]
+    losses = _contrastive_steps(model, cfg, pixels, text_ids, tokens, progress)
+
+    out_path = Path(out_path)
+    _save_tower(model, vision, data_dir, out_path)
+    report = {
+        "checkpoint": str(out_path), "model": vision.model, "pretrained": vision.pretrained, "data_dir": str(data_dir),
+        "artworks": len(positions), "skipped_bad": len(bad), "distinct_texts": len(uniq), "text": cfg.text,
+        "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
+        "loss_first": losses[0] if losses else None, "loss_last_50_mean": float(np.mean(losses[-50:])) if losses else None,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    out_path.with_name(out_path.name + ".json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _seeded_model(vision: VisionConfig) -> tuple[Any, Any, Any]:
+    """The open_clip model (seeded, so a random init repeats), its preprocessing and its tokenizer."""
+    import open_clip
+
+    torch.manual_seed(vision.adapt.seed)
+    with quiet_random_init(vision.model, random_init=not vision.pretrained):
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            vision.model, pretrained=vision.pretrained or None,
+            image_mean=tuple(vision.image_mean) if vision.image_mean else None,
+            image_std=tuple(vision.image_std) if vision.image_std else None,
+            image_interpolation=vision.image_interpolation, image_resize_mode=vision.image_resize_mode,
+            output_dict=True)
+    return model, preprocess, open_clip.get_tokenizer(vision.model)
+
+
+def _contrastive_steps(model: Any, cfg: Any, pixels: torch.Tensor, text_ids: np.ndarray, tokens: torch.Tensor,
+                       progress: bool) -> list[float]:
+    """open_clip's contrastive loss over batches of distinct texts (shifted pixels); returns each step's loss."""
+    import open_clip
+    from tqdm.auto import tqdm
 
     # The text vocabulary table (49408 rows) stays at its init: a catalog's texts use a few hundred
     # tokens, and updating every row each step costs more than the rest of the optimizer step.
@@ -169,8 +190,13 @@ def adapt_tower(data_dir: str | Path, vision: VisionConfig, out_path: str | Path
             model.logit_scale.clamp_(0, math.log(100))
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    return losses
 
-    out_path = Path(out_path)
+
+def _save_tower(model: Any, vision: VisionConfig, data_dir: str | Path, out_path: Path) -> None:
+    """Safetensors, atomically, with what it was made from."""
+    from safetensors.torch import save_file
+
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + f".tmp-{os.getpid()}")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -178,12 +204,3 @@ def adapt_tower(data_dir: str | Path, vision: VisionConfig, out_path: str | Path
     meta = {"model": vision.model, "by": "mmart vision adapt", "made_from": adapt_made_from(data_dir, vision)}
     save_file(state, str(tmp), metadata={"mmart": json.dumps(meta, sort_keys=True)})
     os.replace(tmp, out_path)
-    report = {
-        "checkpoint": str(out_path), "model": vision.model, "pretrained": vision.pretrained, "data_dir": str(data_dir),
-        "artworks": len(positions), "skipped_bad": len(bad), "distinct_texts": len(uniq), "text": cfg.text,
-        "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
-        "loss_first": losses[0] if losses else None, "loss_last_50_mean": float(np.mean(losses[-50:])) if losses else None,
-        "seconds": round(time.perf_counter() - start, 1),
-    }
-    out_path.with_name(out_path.name + ".json").write_text(json.dumps(report, indent=2) + "\n")
-    return report

@@ -14,9 +14,9 @@ from mmart.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-DOC_FILES = ("data.md", "architecture.md", "evaluation.md", "configs.md", "launching.md")
+DOC_FILES = ("data.md", "architecture.md", "evaluation.md", "configs.md", "launching.md", "experiments.md")
 # What users read: the package (help texts, errors, docstrings), scripts, configs, README and docs.
-USER_READ = [ROOT / "mmart", ROOT / "scripts", ROOT / "configs", ROOT / "README.md", DOCS]
+USER_READ = [ROOT / "mmart", ROOT / "scripts", ROOT / "configs", ROOT / "README.md", ROOT / "CHANGELOG.md", DOCS]
 # The team's design notes, which the project does not ship.
 OUTSIDE = re.compile(r"\b(?:DATA|ARCHITECTURE|NOTES|PERF|EVAL|STYLE)\.md\b|\.\./shared|shared/design")
 DOCS_PATH = re.compile(r"\bdocs/[\w./-]+?\.md(?:#[\w-]+)?")
@@ -66,7 +66,7 @@ def test_nothing_a_user_reads_points_outside_the_project():
 
 def test_every_link_in_the_docs_and_the_readme_resolves():
     broken = []
-    for md in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]:
+    for md in [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted(DOCS.glob("*.md"))]:
         text = re.sub(r"```.*?```", "", md.read_text(), flags=re.S)
         for target in LINK.findall(text):
             if re.match(r"[a-z]+://|mailto:", target):
@@ -84,6 +84,23 @@ def test_every_docs_path_named_in_the_code_and_the_readme_exists():
     assert any(path.name == "contract.py" for path, _ in named)  # the contract's errors point to docs/data.md
     broken = [e for path, target in named for e in _check_target(target, ROOT, str(path.relative_to(ROOT)))]
     assert not broken, "\n".join(broken)
+
+
+def test_the_readme_opens_with_the_three_commands_ci_reads():
+    """CI takes the install, main-job and test commands from the README's first bash block, by their comments."""
+    block = re.search(r"^```bash\n(.*?)^```", (ROOT / "README.md").read_text(), re.S | re.M).group(1)
+    commands = {line.split("#", 1)[1].strip().split(",")[0].split(" (")[0]: line.split("#", 1)[0].strip()
+                for line in block.splitlines() if "#" in line}
+    assert commands == {"install": 'pip install -e ".[dev]"', "the main job": "bash scripts/train.sh",
+                        "the tests": "pytest"}, block
+
+
+def test_the_readme_recipes_table_lists_every_shipped_config():
+    """A config added to configs/ gets a row (what it trains, hardware, time, measured value) in the README."""
+    text = (ROOT / "README.md").read_text()
+    recipes = text.split("## Recipes", 1)[1].split("\n## ", 1)[0]
+    rows = set(re.findall(r"^\| `([\w.]+\.yaml)` \|", recipes, re.M))
+    assert rows == {p.name for p in (ROOT / "configs").glob("*.yaml")}
 
 
 def test_the_worked_example_writes_a_dataset_mmart_validate_accepts(tmp_path, monkeypatch, capsys):

@@ -18,6 +18,7 @@ STAGE_MODULES = (
     "mmart.data.cli",  # world, validate
     "mmart.vision.cli",  # vision, cache
     "mmart.train.cli",  # init, sft, dpo, export, predict
+    "mmart.rationale.cli",  # rationales (a teacher's justification of each SFT decision's target)
     "mmart.eval.cli",  # eval
     "mmart.review.cli",  # review
     "mmart.status",  # status (which stages are up to date with the config and inputs; used by scripts/train.sh)

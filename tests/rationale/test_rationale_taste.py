@@ -121,3 +121,21 @@ def test_played_targets_without_a_teacher_are_the_played_artworks(all_pairs):
     targets = sft_targets(cfg, builder)
     assert len(targets) == 10
     assert all(t.source == "played" and t.index == t.example.answer for t in targets)
+
+
+def test_a_looks_counts_are_the_margin_the_prompts_summary_of_chosen_looks_shows(all_pairs):
+    """'played from it (c by chance)' counts the same history as the prompt's 'Chose looks over the others: v +m'."""
+    from dataclasses import replace
+
+    cfg = replace(all_pairs, prompt=replace(all_pairs.prompt, history_summary=True, history_summary_looks="chosen"))
+    builder, teacher, targets = _fit(cfg)
+    verbalise = TasteVerbaliser(teacher, builder)
+    checked = 0
+    for t in targets.values():
+        for tag in builder.tags[t.artwork_id]:
+            offered, chosen, chance = verbalise._offered_and_chosen(t.example, tag)
+            margin = round(chosen - chance)
+            if margin > 0:
+                assert f"{tag.split(':', 1)[1]} +{margin}" in builder.history_summary(t.example)
+                checked += 1
+    assert checked > 20

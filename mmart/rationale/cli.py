@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "launch` processes and resumable (finished shards are kept). Writes <out>/rationales.parquet and its "
             "record (rationales.made_from.json); a table made from the same inputs is kept."
         ))
-    p.add_argument("--config", default="configs/default.yaml", help="pipeline config YAML (default: configs/default.yaml)")
+    p.add_argument("--config", default="configs/default.yaml",
+                   help="pipeline config YAML (default: configs/default.yaml)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="dotted overrides, e.g. --set rationale.model=models/teacher rationale.max_new_tokens=96")
     p.add_argument("--teacher", choices=["taste", "llm"], help="who writes the rationales (default: rationale.teacher)")

@@ -57,8 +57,8 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temp
         enc = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True,
                         add_special_tokens=False).to(model.device)
         with torch.inference_mode():
-            ids = model.generate(**enc, max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-                                 top_p=None, top_k=None, **sampling)
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, use_cache=True,
+                                 pad_token_id=tokenizer.pad_token_id, top_p=None, top_k=None, **sampling)
         new = ids[:, enc["input_ids"].shape[1]:]
         out.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
     return out

@@ -17,6 +17,13 @@ def test_the_same_inputs_keep_the_table_and_settings_that_shape_nothing_too(rcfg
     stamp = table.stat().st_mtime_ns
     rows = pq.read_table(table).to_pylist()
     assert len(rows) == 24 and all(r["rationale"].endswith(f"So {r['target_letter']}.") for r in rows)
+    # SFT's own decisions, in its order, with its candidate order
+    from mmart.data.contract import load_contract
+    from mmart.examples import ExampleBuilder
+    from mmart.train.sft import sft_examples
+
+    examples = sft_examples(rcfg, ExampleBuilder(load_contract(rcfg.data_dir), rcfg.prompt))
+    assert [(r["example_id"], r["candidates"]) for r in rows] == [(e.example_id, e.candidates) for e in examples]
     assert {r["target_source"] for r in rows} == {"teacher:taste"}
     # SFT's learning rate and the llm teacher's settings do not change which decisions or what taste says
     other = replace(rcfg, sft=replace(rcfg.sft, lr=0.5), rationale=replace(rcfg.rationale, template="{target}?"))

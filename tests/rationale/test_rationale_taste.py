@@ -42,7 +42,8 @@ def test_evidence_sums_to_the_teachers_margin_and_the_target_is_its_top_choice(a
         logit = np.log(q) - np.log1p(-q)
         assert t.index == int(np.argmax(q))
         margin = logit[t.index] - np.delete(logit, t.index).mean()
-        assert sum(e.contribution for e in contributions(teacher, t.example, t.index)) == pytest.approx(margin, abs=1e-9)
+        evidence = contributions(teacher, t.example, t.index)
+        assert sum(e.contribution for e in evidence) == pytest.approx(margin, abs=1e-9)
 
 
 def test_the_first_sentence_names_the_largest_contribution(all_pairs):
@@ -56,7 +57,8 @@ def test_the_first_sentence_names_the_largest_contribution(all_pairs):
         kinds.add(top.kind)
         if top.kind.startswith("choice:"):
             family = top.kind.split(":", 1)[1]
-            looks = {_look(tag) for a in t.example.candidates for tag in builder.tags[a] if tag.startswith(family + ":")}
+            looks = {_look(tag) for a in t.example.candidates for tag in builder.tags[a]
+                     if tag.startswith(family + ":")}
             assert any(f"offered a {look}" in first for look in looks) or "weighs" in first, (top, first)
         elif top.kind == "rate":
             assert first.startswith("Shown to members in the training logs"), first
@@ -67,7 +69,8 @@ def test_the_first_sentence_names_the_largest_contribution(all_pairs):
 
 
 def _first_choice_decision(builder, teacher, targets):
-    """A logged decision whose largest evidence is a look the member played from, with an alternative of another look."""
+    """A logged decision whose largest evidence is a look the member played from, beside an alternative of another
+    look."""
     for key, t in targets.items():
         top = contributions(teacher, t.example, t.index)[0]
         if key.startswith("unlogged") or not top.kind.startswith("choice:") or top.difference <= 0:

@@ -18,6 +18,7 @@ STAGE_MODULES = (
     "mmart.data.cli",  # world, validate
     "mmart.vision.cli",  # vision, cache
     "mmart.train.cli",  # init, sft, dpo, export, predict
+    "mmart.rationale.cli",  # rationales (a teacher's justification of each SFT decision's target)
     "mmart.eval.cli",  # eval
     "mmart.review.cli",  # review
     "mmart.status",  # status (which stages are up to date with the config and inputs; used by scripts/train.sh)
@@ -37,6 +38,17 @@ def report_problems(subject: object, problems: list, ok: str) -> int:
     return 0
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """argparse measures subcommand names one indent short of where it prints them, so the longest name (past 8
+    letters: ``rationales``) sat alone on its line; measured where they are printed, each keeps its help beside it."""
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        for sub in action._choices_actions if isinstance(action, argparse._SubParsersAction) else ():
+            width = len(self._format_action_invocation(sub)) + self._current_indent + self._indent_increment
+            self._action_max_length = max(self._action_max_length, width)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmart",
@@ -46,11 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
             "Stages, in pipeline order:\n"
             "  world -> validate -> vision adapt -> cache build -> init -> sft -> dpo -> predict -> eval -> review\n"
             "plus status (which stages are up to date), export (a standalone merged model), plan (parameters\n"
-            "and memory per GPU, without loading the model) and config (print a resolved config; --fields\n"
-            "lists every setting with its help). `bash scripts/train.sh` runs the pipeline; `mmart <stage>\n"
+            "and memory per GPU, without loading the model), config (print a resolved config; --fields\n"
+            "lists every setting with its help) and rationales (a teacher's justification of each SFT\n"
+            "decision's target). `bash scripts/train.sh` runs the pipeline; `mmart <stage>\n"
             "--help` explains a stage; docs/ explains the data contract, the pipeline and the report."
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
     )
     sub = parser.add_subparsers(dest="stage", metavar="<stage>")
     for name in STAGE_MODULES:

@@ -345,6 +345,7 @@ def to_dict(obj: Any) -> Any:
 
 from mmart.data.world.config import WorldConfig  # noqa: E402
 from mmart.examples import PromptConfig  # noqa: E402
+from mmart.rationale.config import RationaleConfig  # noqa: E402
 from mmart.train.config import DPOStageConfig, EvalConfig, ModelConfig, SFTStageConfig  # noqa: E402
 from mmart.vision.config import CacheConfig, VisionConfig  # noqa: E402
 
@@ -374,6 +375,8 @@ class PipelineConfig:
     sft: SFTStageConfig = dataclasses.field(default_factory=SFTStageConfig, metadata={"help": "Supervised fine-tuning."})
     dpo: DPOStageConfig = dataclasses.field(default_factory=DPOStageConfig, metadata={"help": "Preference tuning."})
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig, metadata={"help": "Scoring and the report."})
+    rationale: RationaleConfig = dataclasses.field(default_factory=RationaleConfig, metadata={
+        "help": "`mmart rationales`: a teacher's justification of each SFT decision's target."})
 
     @property
     def cache_dir(self) -> str:

@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--get", metavar="KEY", help="print one dotted value, e.g. data_dir")
     g.add_argument("--fields", nargs="?", const="", metavar="SECTION",
                    help="list every field (or one section's: world, vision, vision.adapt, cache, prompt, model, "
-                        "sft, dpo, eval) with type, default and help")
+                        "sft, dpo, eval, rationale) with type, default and help")
     p.set_defaults(func=_run)
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from mmart.config_checks import FieldError, at_least, not_empty, positive, seeds, within
+from mmart.errors import ConfigError
 
 
 REPORT_TO_HELP = ("Where training metrics go besides trainer_state.json and curves.png, as TrainingArguments.report_to: "
@@ -301,8 +302,6 @@ def check_extra(extra: dict, config_cls: type, mmart_sets: dict[str, str], where
     not a field of ``config_cls`` (with the nearest field) or one mmart sets (naming the mmart key):
     passed through, they were a TypeError inside the trainer ("got multiple values for keyword").
     """
-    from mmart.config import ConfigError
-
     fields = [f.name for f in dataclasses.fields(config_cls) if f.init]
     for key in extra:
         if not isinstance(key, str):

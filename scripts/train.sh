@@ -98,7 +98,7 @@ if todo sft; then
   train sft --config "$CONFIG"
 else kept sft "$OUT/sft/model"; fi
 
-# 6. DPO: played artwork over shown-and-not-played ones, reference = the SFT model.
+# 6. DPO: the teacher's top candidate over those it ranks lower (dpo.pairs), reference = the SFT model.
 if todo dpo; then
   stage "dpo -> $OUT/dpo/model"
   train dpo --config "$CONFIG"

@@ -310,7 +310,7 @@ def _plots(report: dict, out: Path) -> None:
         e = pols[n][metric]
         ax.errorbar(e["value"], i, xerr=[[e["value"] - e["low"]], [e["high"] - e["value"]]], fmt="o", capsize=3,
                     color=colors[n])
-    if BASELINE in pols:  # the reference every lift is measured against
+    if BASELINE in pols:  # the reference every lift is relative to
         x = pols[BASELINE][metric]["value"]
         ax.axvline(x, color="grey", ls="--", lw=1)
         ax.text(x, 1.01, f"production {x:.3f}", transform=ax.get_xaxis_transform(), ha="center", va="bottom",

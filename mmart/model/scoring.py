@@ -93,7 +93,7 @@ def score_batch(model: nn.Module, batch: dict[str, torch.Tensor], readout=None, 
 
     if two_pass is None:
         # Counted in decisions, not blocks: a decision's own-candidate blocks (prompt.candidate_context: own)
-        # are ~11 tokens each, too short for the second pass to pay (SFT steps 1.25x slower with it).
+        # are ~11 tokens each, too short for the second pass to pay.
         wanted = int(batch["decision_mask"].sum(-1).max()) >= TWO_PASS_MIN_DECISIONS and can_reuse_prefix(model)
         two_pass = agreed_across_ranks(model, wanted, batch["input_ids"].device)
     if two_pass:

@@ -52,8 +52,8 @@ def load_inputs(cfg: PipelineConfig, data_dir: str | None = None, check: bool = 
 def native_bf16(dev: torch.device | None = None) -> tuple[bool, str]:
     """Whether bf16 is native on ``dev`` (default: the training device), and what was found.
 
-    On a CPU without AVX-512-bf16 or AMX, bf16 autocast emulates bf16 matmuls and ran a
-    SmolLM2 training step ~3x slower than fp32 (an Intel Xeon with AVX-512 but no bf16).
+    On a CPU without AVX-512-bf16 or AMX, bf16 autocast emulates bf16 matmuls, which is slower than
+    fp32 there.
     """
     dev = dev or device()
     if dev.type == "cuda":
@@ -95,7 +95,7 @@ def use_bf16(setting: bool | str | None, what: str = "") -> bool:
 def examples_budget(stage_cfg, what: str = "") -> int:
     """The stage's ``max_examples``, or its ``max_examples_fp32`` where it trains in fp32 on a CPU.
 
-    The fp32 path of a CPU without native bf16 is ~1.7x slower per step; a smaller budget there keeps
+    The fp32 path of a CPU without native bf16 is slower per step; a smaller budget there keeps
     the main job's time, at a stated cost in decisions. Says so once (``what``) when it applies.
     """
     cap = getattr(stage_cfg, "max_examples_fp32", 0)
@@ -196,9 +196,8 @@ def across_ranks(accelerator, mean: torch.Tensor, count: torch.Tensor | int) -> 
 def freeze_projector_if_zero_lr(model: torch.nn.Module, projector_lr: float) -> bool:
     """``projector_lr`` 0: keep the projector exactly as stage 0 (or SFT) left it.
 
-    The aligned slots sit on the LLM's tag-word tokens; SFT at a high projector rate moved
-    them off (cosine to their tokens 0.99 -> 0.54-0.73 in a default-sized run) and lost
-    ~0.06 true value. Frozen (no gradient, not in the optimizer), the LoRA layers learn to
+    The aligned slots sit on the LLM's tag-word tokens; SFT at a high projector rate moves
+    them off their tokens. Frozen (no gradient, not in the optimizer), the LoRA layers learn to
     read word-like slots instead. Returns whether it froze anything.
     """
     if projector_lr != 0:

@@ -17,8 +17,8 @@ REPORT_TO_HELP = ("Where training metrics go besides trainer_state.json and curv
                   "pip install -e '.[tensorboard]').")
 EVAL_STEPS_HELP = "Evaluate every this many steps (< 1: this share of the run's steps); also at the end."
 BF16_HELP = ("bf16 mixed precision (autocast; master weights in model.dtype). auto = on where bf16 is native: a GPU "
-             "that supports it, or a CPU with AVX-512-bf16 or AMX (there ~1.35x faster SmolLM2 steps; a CPU without "
-             "them runs bf16 ~3x SLOWER than fp32); true / false force it.")
+             "that supports it, or a CPU with AVX-512-bf16 or AMX (faster steps there; a CPU without them emulates "
+             "bf16, slower than fp32: keep auto or false there); true / false force it.")
 Bf16 = Union[bool, Literal["auto"], None]  # None: read as auto (pipeline.yaml files saved before "auto" existed)
 PACK_HELP = ("Decisions per packed row: one member prefix (system text, history, summary) read once, then up to this "
              "many title blocks that share it, each attending to the prefix and itself only. 1 = one prompt per "
@@ -42,7 +42,7 @@ class ModelConfig:
     lora_alpha: int = 32
     lora_dropout: float = field(default=0.0, metadata={
         "help": "LoRA dropout. 0 keeps resume bit-exact: with dropout, transformers' resume replays a different "
-                "dropout mask (LoRA weights then differ by ~2e-4 from an uninterrupted run)."})
+                "dropout mask (LoRA weights then differ slightly from an uninterrupted run's)."})
     lora_target: str = field(default="all-linear", metadata={"help": "PEFT target_modules."})
     seed: int = field(default=0, metadata={"help": "Seeds the projector init (so a resumed run rebuilds the same base)."})
     projector_init: Literal["random", "tags", "caption"] = field(default="tags", metadata={
@@ -68,8 +68,8 @@ class SFTStageConfig:
         "help": "Train on at most this many decisions (0 = all), drawn member by member so packed rows stay full."})
     max_examples_fp32: int = field(default=0, metadata={
         "help": "max_examples where this stage trains in fp32 on a CPU (bf16 off: auto on a CPU without "
-                "avx512_bf16 or AMX, or bf16: false), a path ~1.7x slower per step; 0 = max_examples. The default "
-                "config sets it so the main job stays within ~20 minutes there too."})
+                "avx512_bf16 or AMX, or bf16: false), which is slower per step; 0 = max_examples. Set it lower than "
+                "max_examples to keep the job's time on such a CPU, at the cost of fewer decisions."})
     pack_titles: int = field(default=8, metadata={"help": PACK_HELP})
     unlogged_titles: int = field(default=0, metadata={
         "help": "Per sampled member prefix, add this many catalog titles the member was never shown, labelled by "
@@ -129,7 +129,7 @@ class SFTStageConfig:
 @dataclass
 class DPOStageConfig:
     method: Literal["fast", "trl"] = field(default="fast", metadata={
-        "help": "fast = one shared forward scores every candidate letter; trl = TRL's DPOTrainer (all loss variants)."})
+        "help": "fast = one shared forward scores every candidate (letter or per-candidate score); trl = TRL's DPOTrainer (all loss variants)."})
     pairs: Literal["logged", "teacher"] = field(default="logged", metadata={
         "help": "Where preference pairs come from. logged = the played artwork over the shown-and-not-played ones "
                 "(else over the others), one noisy play each; teacher = on every logged decision of the drawn "
@@ -149,11 +149,12 @@ class DPOStageConfig:
     loss_type: str = field(default="sigmoid", metadata={"help": "fast: sigmoid or robust; trl: any TRL loss_type."})
     label_smoothing: float = 0.0
     max_examples: int = field(default=0, metadata={
-        "help": "Train on at most this many preference examples (0 = all), drawn member by member."})
+        "help": "Train on at most this many decisions (0 = all), drawn member by member; each gives its chosen "
+                "candidate and every rejected one it is paired against."})
     max_examples_fp32: int = field(default=0, metadata={
         "help": "max_examples where this stage trains in fp32 on a CPU (bf16 off: auto on a CPU without "
-                "avx512_bf16 or AMX, or bf16: false), a path ~1.7x slower per step; 0 = max_examples. The default "
-                "config sets it so the main job stays within ~20 minutes there too."})
+                "avx512_bf16 or AMX, or bf16: false), which is slower per step; 0 = max_examples. Set it lower than "
+                "max_examples to keep the job's time on such a CPU, at the cost of fewer decisions."})
     pack_titles: int = field(default=8, metadata={"help": PACK_HELP + " fast path only."})
     epochs: float = 1.0
     batch_size: int = field(default=8, metadata={"help": "Rows per device per step."})
@@ -194,23 +195,22 @@ class EvalConfig:
     max_pairs: int = field(default=0, metadata={"help": "Score at most this many test pairs (0 = all); a seeded sample."})
     pairs: Literal["all", "uniform"] = field(default="all", metadata={
         "help": "Which test pairs to sample: all, or only those logged uniformly at random (their hit rate is "
-                "unbiased, and a capped sample then holds ~3x the uniform impressions; true value and IPS stay "
+                "unbiased, and a capped sample then holds more uniform impressions; true value and IPS stay "
                 "unbiased, since the slice is a random subset of the test pairs)."})
     n_boot: int = field(default=1000, metadata={"help": "Bootstrap resamples for every interval."})
     candidate_orders: int = field(default=1, metadata={
         "help": "Score each pair under this many candidate orders (prompt.shuffle_seed, +1, ...) and average each "
                 "candidate's probability: a candidate's score also reads the candidates before it, so one order is "
-                "one noisy view (the default SmolLM2 model changes 21-25% of its choices with the order). The extra "
-                "orders are more title blocks behind the same member prefix: 4 orders took 1.6x one order's "
-                "scoring time on the default world. It makes a score independent of one order's luck; on three "
-                "pair sets it did not make the model choose better (within +-0.003)."})
+                "one noisy view (a small model changes some of its choices with the order). The extra orders are "
+                "more title blocks behind the same member prefix, so scoring takes longer, less than in proportion. "
+                "Use it to make a score independent of one order's luck."})
     bf16: Bf16 = field(default="auto", metadata={
-        "help": "Score under bf16 autocast: " + BF16_HELP + " Probabilities move by ~1e-2 under bf16, so compare "
+        "help": "Score under bf16 autocast: " + BF16_HELP + " Probabilities move a little under bf16, so compare "
                 "models scored the same way."})
     seed: int = 0
     untrained: bool = field(default=False, metadata={
         "help": "scripts/train.sh also scores the untrained chooser (stage 0 only; the report's zero-shot row): "
-                "a third predict, ~1/3 more of the predict stage's CPU (~3 minutes on a 2-core CPU's fp32 path)."})
+                "a third predict, beside the trained models' two."})
 
     def __post_init__(self) -> None:
         from mmart.config_checks import one_of

@@ -117,8 +117,7 @@ def keep_freed_memory() -> None:
     """Stop glibc from returning freed activation buffers to the OS after every batch.
 
     With glibc's default (dynamic) mmap threshold, the first dozen CPU forward passes each
-    mmap and page-fault fresh multi-MB buffers, measured 10-20x slower than steady state on
-    this project's 2-core machines. Raising the mmap and trim thresholds keeps the memory
+    mmap and page-fault fresh multi-MB buffers, far slower than steady state. Raising the mmap and trim thresholds keeps the memory
     in the heap for reuse (as jemalloc/tcmalloc would). No-op off glibc.
     """
     if not sys.platform.startswith("linux"):

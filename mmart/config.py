@@ -20,7 +20,7 @@ from mmart.config_checks import FieldError
 from mmart.data.world.config import WorldConfig
 from mmart.errors import ConfigError
 from mmart.examples import PromptConfig
-from mmart.train.config import TRAINER_NAMES, DPOStageConfig, EvalConfig, ModelConfig, SFTStageConfig
+from mmart.train.config import DPOStageConfig, EvalConfig, ModelConfig, SFTStageConfig, StageConfig
 from mmart.vision.config import CacheConfig, VisionConfig
 
 T = TypeVar("T")
@@ -201,7 +201,7 @@ def unknown_key(cls: type, key: str, name: str) -> str:
     known = [f.name for f in dataclasses.fields(cls) if f.init]
     section = key or section_name(cls)
     msg = f"unknown key {_join(key, str(name))!r}"
-    ours = TRAINER_NAMES.get(str(name)) if "extra" in known else None
+    ours = cls.trainer_names().get(str(name)) if isinstance(cls, type) and issubclass(cls, StageConfig) else None
     close = difflib.get_close_matches(str(name), known, n=1)
     if ours in known:
         msg += f"; {name!r} is the TrainingArguments name, mmart's is {_join(key, ours)!r}"

@@ -154,7 +154,7 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
     shared = common_args(cfg.sft, out, slots=cfg.prompt.artwork_input == "embeddings", what="sft",
                          evaluate=val is not None)
     args = trainer_config(SFTConfig, "sft", cfg.sft, shared, max_length=None, packing=False,
-                          dataset_kwargs={"skip_prepare_dataset": True}, weight_decay=cfg.sft.weight_decay)
+                          dataset_kwargs={"skip_prepare_dataset": True})
     trainer = ArtworkSFTTrainer(model=model, args=args, train_dataset=data, eval_dataset=val, processing_class=tokenizer,
                                 data_collator=DecisionCollator(pad_token_id=tokenizer.pad_token_id),
                                 callbacks=callbacks)

@@ -8,7 +8,7 @@
 # one rerun, and an interrupted SFT or DPO resumes from its last checkpoint of the same inputs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"   # idle threads sleep: 10x faster on a busy 2-core box
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"   # idle threads sleep instead of spinning on a busy 2-core box
 
 CONFIG=configs/default.yaml
 REDO=""

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None, leave_group: bool = True) -> int:
     """``mmart <stage>``. ``leave_group=False`` keeps a launched process group for a next stage in the same
     process (tests/train/launch_stages.py); a real launch leaves it once its stage has succeeded."""
     # Before torch loads: idle OpenMP threads sleep instead of spinning. On 2 cores shared with
-    # DataLoader workers or another job, spinning made CPU forwards and training steps 10x slower.
+    # DataLoader workers or another job, spinning threads take cores from the ones doing the work.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if "DS_ACCELERATOR" not in os.environ and not _has_cuda():
         # DeepSpeed (an optional extra, imported by accelerate and transformers when installed) warns "Setting

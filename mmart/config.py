@@ -17,15 +17,16 @@ from typing import Any, TypeVar, Union, get_args, get_origin
 import yaml
 
 from mmart.config_checks import FieldError
-from mmart.errors import UserError
+from mmart.data.world.config import WorldConfig
+from mmart.errors import ConfigError
+from mmart.examples import PromptConfig
+from mmart.rationale.config import RationaleConfig
+from mmart.train.config import DPOStageConfig, EvalConfig, ModelConfig, SFTStageConfig, StageConfig
+from mmart.vision.config import CacheConfig, VisionConfig
 
 T = TypeVar("T")
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(UserError, ValueError):
-    """A config file or override that does not match its dataclass."""
 
 
 # --- YAML: one mapping per file, no duplicate keys. ---
@@ -198,12 +199,10 @@ def section_name(cls: type) -> str:
 def unknown_key(cls: type, key: str, name: str) -> str:
     """The message for ``name``, not a field of ``cls`` (at dotted ``key``): the nearest field and,
     for a TrainingArguments name in a stage section, the mmart field it maps to."""
-    from mmart.train.config import TRAINER_NAMES
-
     known = [f.name for f in dataclasses.fields(cls) if f.init]
     section = key or section_name(cls)
     msg = f"unknown key {_join(key, str(name))!r}"
-    ours = TRAINER_NAMES.get(str(name)) if "extra" in known else None
+    ours = cls.trainer_names().get(str(name)) if isinstance(cls, type) and issubclass(cls, StageConfig) else None
     close = difflib.get_close_matches(str(name), known, n=1)
     if ours in known:
         msg += f"; {name!r} is the TrainingArguments name, mmart's is {_join(key, ours)!r}"
@@ -342,12 +341,6 @@ def to_dict(obj: Any) -> Any:
 
 
 # --- The pipeline config: one section per stage (each section's dataclass lives beside its stage). ---
-
-from mmart.data.world.config import WorldConfig  # noqa: E402
-from mmart.examples import PromptConfig  # noqa: E402
-from mmart.rationale.config import RationaleConfig  # noqa: E402
-from mmart.train.config import DPOStageConfig, EvalConfig, ModelConfig, SFTStageConfig  # noqa: E402
-from mmart.vision.config import CacheConfig, VisionConfig  # noqa: E402
 
 
 @dataclasses.dataclass

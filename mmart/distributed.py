@@ -68,9 +68,9 @@ def distributed_state():
 def finish_distributed() -> None:
     """Leave the process group together, after every rank's last write.
 
-    A rank that reached the end first used to exit while rank 0 still wrote the model card;
-    the gloo group was then torn down by the interpreter's exit and now and then aborted
-    ("terminate called without an active exception", SIGABRT), failing a run that had saved
+    A rank that reaches the end first must not exit while rank 0 still writes the model card:
+    the interpreter's exit would tear the gloo group down under it, which can abort
+    ("terminate called without an active exception", SIGABRT) and fail a run that had saved
     everything. A no-op in a single process.
     """
     import torch.distributed as dist

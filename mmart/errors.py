@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input, config or data; the message says what is wrong and how to fix it."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config file or override that does not match its dataclass."""

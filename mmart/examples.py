@@ -64,14 +64,13 @@ class PromptConfig:
     history_summary_margins: Literal["numbers", "repeat"] = field(default="numbers", metadata={
         "help": "How history_summary_looks: chosen writes a look's margin: numbers = 'close-up +3'; repeat = the "
                 "look's word once per unit of margin ('close-up close-up close-up'), so a candidate's artwork slot "
-                "that matches it meets it as often as the member preferred it (as many tokens, give or take: 3.5 fewer a "
-                "prefix on the default world). Trained on the default world it chose no better than numbers (README)."})
+                "that matches it meets it as often as the member preferred it (about as many tokens as numbers)."})
     history_genres: int = field(default=0, metadata={
         "help": "N > 0: one more line over the whole history, 'Watched 24 titles: drama 12, romance 8, ...', the N "
                 "genres the member watched most with their title counts (the lines show only max_history titles; "
                 "~4 + 3N tokens). 0 = no line."})
     names: bool = field(default=True, metadata={
-        "help": "Include title names; off shortens prompts ~2x (the demo world's names only restate genres)."})
+        "help": "Include title names; off shortens prompts (the demo world's names only restate genres)."})
     candidate_context: Literal["title", "own"] = field(default="title", metadata={
         "help": "title = one block per title, its candidates in a row, so each candidate's score also reads the "
                 "ones before it (and so depends on their order); own = each candidate in a block of its own (the "

@@ -23,7 +23,7 @@ GIB = 1 << 30
 DEFAULT_GPU_GIB = 80.0
 DEFAULT_OVERHEAD_GIB = 2.0
 
-# Prompt-length estimate (tokens), when --seq-len is not given: means measured with SmolLM2's tokenizer
+# Prompt-length estimate (tokens), when --seq-len is not given: means counted with SmolLM2's tokenizer
 # on the demo world's rendered prompts (Llama 3's larger vocabulary gives somewhat fewer), rounded up.
 TEMPLATE_TOKENS = 70  # chat template and system prompt (26 with ChatML; Llama 3.1 adds a dated preamble), headers
 HISTORY_LINE_TOKENS = {True: 21, False: 12}  # '- "Name" (genre, genre), rated 4/5' with / without title names

@@ -137,11 +137,12 @@ def pad_rows(rows: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor,
 def fast_dpo_step_loss(model, rows: list[dict], pad_id: int, beta: float, device: torch.device) -> torch.Tensor:
     """The fast DPO loss of mmart's trainer on multiple-choice rows (as one-decision rows: collator + loss)."""
     from mmart.model.testing import one_decision_row
-    from mmart.train.dpo_fast import MultipleChoiceCollator, fast_dpo_loss
+    from mmart.train.data import DecisionCollator
+    from mmart.train.dpo_fast import fast_dpo_loss
 
     decision_rows = [one_decision_row(r["prompt_ids"], r["artwork_ids"], r["answer_ids"], r["chosen"], r["rejected"],
                                       index=i) for i, r in enumerate(rows)]
-    batch = {k: v.to(device) for k, v in MultipleChoiceCollator(pad_token_id=pad_id)(decision_rows).items()}
+    batch = {k: v.to(device) for k, v in DecisionCollator(pad_token_id=pad_id)(decision_rows).items()}
     return fast_dpo_loss(model, batch, beta=beta).loss
 
 

@@ -55,8 +55,8 @@ def peak_rss_mb() -> float:
 def bench_dpo(cfg, inputs, n: int, tmp: Path) -> dict:
     from trl import DPOConfig
 
-    from mmart.train.dpo_fast import (FastDPOConfig, MultimodalDPOTrainer, MultipleChoiceCollator,
-                                      MultipleChoiceDPOTrainer, expand_to_pairs)
+    from mmart.train.data import DecisionCollator
+    from mmart.train.dpo_fast import FastDPOConfig, MultimodalDPOTrainer, MultipleChoiceDPOTrainer, expand_to_pairs
 
     out = {}
     examples = subsample(inputs.builder.preference_examples("train"), n, 0)
@@ -68,7 +68,7 @@ def bench_dpo(cfg, inputs, n: int, tmp: Path) -> dict:
                       save_strategy="no", logging_steps=1000, remove_unused_columns=False, disable_tqdm=True)
         if method == "fast":
             trainer = MultipleChoiceDPOTrainer(model=model, args=FastDPOConfig(**common), train_dataset=rows,
-                                               data_collator=MultipleChoiceCollator(tok.pad_token_id))
+                                               data_collator=DecisionCollator(tok.pad_token_id))
             pairs = int(sum(len(r[0]) for r in rows["rejected"]))
         else:
             pair_rows = Dataset.from_list(list(expand_to_pairs(rows.to_list())))

@@ -8,7 +8,7 @@
 # one rerun, and an interrupted SFT or DPO resumes from its last checkpoint of the same inputs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"   # idle threads sleep: 10x faster on a busy 2-core box
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"   # idle threads sleep instead of spinning on a busy 2-core box
 
 CONFIG=configs/default.yaml
 REDO=""
@@ -98,7 +98,7 @@ if todo sft; then
   train sft --config "$CONFIG"
 else kept sft "$OUT/sft/model"; fi
 
-# 6. DPO: played artwork over shown-and-not-played ones, reference = the SFT model.
+# 6. DPO: the teacher's top candidate over those it ranks lower (dpo.pairs), reference = the SFT model.
 if todo dpo; then
   stage "dpo -> $OUT/dpo/model"
   train dpo --config "$CONFIG"

@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 
+from mmart.data.image_file import open_rgb
 from mmart.errors import UserError
 
 TABLES = ("titles", "artworks", "users", "impressions")
@@ -97,10 +98,8 @@ class Contract:
 
         Decoded by mmart's one image opener (regular files only, within the cache's byte and
         pixel limits); a path that escapes the folder raises ContractError, a bad image
-        ``mmart.vision.images.ImageRefused``, each naming the file.
+        ``mmart.data.image_file.ImageRefused``, each naming the file.
         """
-        from mmart.vision.images import open_rgb
-
         def decode(batch: dict[str, list]) -> dict[str, list]:
             return {**batch, "image": [open_rgb(self.image_path(p)) for p in batch["path"]]}
 

@@ -21,6 +21,14 @@ class Estimate:
         return {"value": self.value, "low": self.low, "high": self.high}
 
 
+def format_estimate(est: dict | None, pct: bool = False, sign: bool = True) -> str:
+    """An ``Estimate.as_dict()`` as ``value [low, high]`` (``pct``: in percent, signed unless ``sign`` is off); ``-`` if None."""
+    if not est:
+        return "-"
+    f = (lambda x: f"{100 * x:{'+' if sign else ''}.1f}%") if pct else (lambda x: f"{x:.3f}")
+    return f"{f(est['value'])} [{f(est['low'])}, {f(est['high'])}]"
+
+
 def bootstrap(statistic: Callable[[np.ndarray], float], groups: np.ndarray, n_boot: int = 1000,
               level: float = 0.95, seed: int = 0) -> Estimate:
     """Resample whole groups with replacement; ``statistic(row_indices)`` computes the number.

@@ -11,14 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmart.artefacts import model_fingerprint, read_record
+from mmart.eval.bootstrap import format_estimate
+from mmart.eval.policies import BASELINE
 from mmart.log import say
 
 
 def headline_lines(report: dict, name: str, report_dir: str | Path) -> list[str]:
     """The card's results lines for the scored model ``name``: where it was evaluated, its value,
     and its lift over production with the 95% interval, significant or not."""
-    from mmart.eval.report import BASELINE, _fmt
-
     lines = [f"- Evaluated by `mmart eval` on `{report['dataset']}` (data fingerprint `{report['dataset_fingerprint']}`"
              f", {report['split']} split, {report['pairs']} member-title pairs); the full report is "
              f"`{Path(report_dir) / 'report.md'}`."]
@@ -30,13 +30,13 @@ def headline_lines(report: dict, name: str, report_dir: str | Path) -> list[str]
     if d is not None:
         key = "true_value" if d["metric"] == "true_value" else "dr"
         label = "true value (exact expected play rate, demo world)" if key == "true_value" else "DR estimate"
-        lines.append(f"- Policy value, {label}: {_fmt(metrics.get(key))} vs production {d['b']:.3f}.")
+        lines.append(f"- Policy value, {label}: {format_estimate(metrics.get(key))} vs production {d['b']:.3f}.")
         significant = d["verdict"] != "no evidence"
-        lines.append(f"- Lift vs production: {_fmt(d['lift'], pct=True)} (95% bootstrap interval over pairs): "
+        lines.append(f"- Lift vs production: {format_estimate(d['lift'], pct=True)} (95% bootstrap interval over pairs): "
                      + ("significant, the interval excludes 0." if significant
                         else "not significant, the interval includes 0."))
     if metrics.get("hit_rate_uniform"):
-        lines.append(f"- Hit rate on the uniformly-logged slice: {_fmt(metrics['hit_rate_uniform'])}.")
+        lines.append(f"- Hit rate on the uniformly-logged slice: {format_estimate(metrics['hit_rate_uniform'])}.")
     return lines
 
 

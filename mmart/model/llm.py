@@ -165,8 +165,8 @@ def add_slot_token(model: PreTrainedModel, tokenizer, slot_token: str = SLOT_TOK
     refuses slots without artworks), but its output value does: it is one more logit in
     every softmax, including the letters' at the answer position. With tied embeddings
     (SmolLM2) the usual mean-of-rows initialisation would give it the logit ``h . mean``,
-    a direction most hidden states align with (SmolLM2 at an answer position: logit 13.9,
-    log-prob -17.7, against 0 and -31.6 for a zero row). A zero row, with no randomness,
+    a direction most hidden states align with, so the slot token would take probability from
+    the letters at the answer position; a zero row's logit is 0. A zero row, with no randomness,
     also keeps the resized base model reproducible for adapters trained on it.
     """
     existing = tokenizer.convert_tokens_to_ids(slot_token)

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from mmart.model.batching import pad_artwork_ids
+from mmart.model.forward import logits_at, token_log_probs
 from mmart.model.packing import PAD_SEGMENT, in_attention_form
 
 
@@ -70,7 +71,6 @@ def _slot_layout(model: nn.Module, artwork_ids: torch.Tensor | None) -> tuple[in
 def read_log_probs_two_pass(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Read log-probabilities ``[B, D, K]`` of a collated packed batch (``-inf`` where ``answer_ids`` is -1)."""
     from mmart.model.chooser import causal_lm_of
-    from mmart.model.scoring import logits_at
 
     input_ids, segments = batch["input_ids"], batch["segment_ids"]
     answer_ids, score_positions = batch["answer_ids"], batch["score_positions"]
@@ -151,7 +151,6 @@ def read_blocks(model: nn.Module, cache, prefix_lengths: torch.Tensor, block_ids
     is not a slot.
     """
     from mmart.model.chooser import causal_lm_of
-    from mmart.model.scoring import logits_at, token_log_probs
 
     dev = prefix_lengths.device
     p_max = int(cache.get_seq_length())

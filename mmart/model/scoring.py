@@ -15,65 +15,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmart.model.forward import logits_at, token_log_probs
+from mmart.model.prefix import agreed_across_ranks, can_reuse_prefix, read_log_probs_two_pass
+
 
 def answer_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index ``[B]`` of each row's last real token (mask 1), under left or right padding."""
     length = attention_mask.shape[-1]
     positions = torch.arange(length, device=attention_mask.device).expand_as(attention_mask)
     return torch.where(attention_mask.bool(), positions, -1).amax(dim=-1)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids ``[B, L]`` counting real tokens only, so left padding does not shift RoPE.
-
-    Without them a left-padded row would be scored at shifted positions and differ from
-    the same prompt unpadded (transformers' plain forward uses ``arange(L)``).
-    """
-    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
-
-
-def logits_at(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    artwork_ids: torch.Tensor | None,
-    positions: torch.Tensor,
-    position_ids: torch.Tensor | None = None,
-    cache=None,
-    extra: dict | None = None,
-) -> torch.Tensor:
-    """Next-token logits ``[B, P, V]`` at ``positions [B, P]`` of each row, in one forward.
-
-    ``attention_mask`` is ``[B, L]`` (padding) or a prepared ``[B, 1, L, C + L]`` mask (packed rows;
-    then ``position_ids`` are required). ``cache``: a key/value cache holding C tokens these rows
-    continue (a member prefix computed once); it is extended in place. Only the needed positions go
-    through the LM head
-    (``logits_to_keep``): the full ``[B, L, V]`` logits would be ~0.5 GB for 16 prompts of 150
-    tokens with a 49k vocabulary. ``extra``: keyword arguments for the model's attention function
-    (``mmart.model.shared_prefix``).
-    """
-    if position_ids is None:
-        if attention_mask.ndim != 2:
-            raise ValueError("a 4-D attention mask needs explicit position_ids")
-        position_ids = position_ids_from_mask(attention_mask)
-    keep = torch.unique(positions)  # [U], sorted
-    logits_to_keep: int | torch.Tensor = 1 if keep.numel() == 1 and int(keep) == input_ids.shape[1] - 1 else keep
-    kwargs: dict = {"artwork_ids": artwork_ids} if artwork_ids is not None else {}
-    kwargs.update(extra or {})
-    if cache is not None:
-        kwargs["cache"] = cache
-    outputs = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        logits_to_keep=logits_to_keep,
-        use_cache=cache is not None,
-        **kwargs,
-    )
-    logits = outputs.logits  # [B, U, V]
-    column = torch.searchsorted(keep, positions) if logits.shape[1] > 1 else torch.zeros_like(positions)
-    rows = torch.arange(logits.shape[0], device=logits.device).unsqueeze(-1)
-    return logits[rows, column]
 
 
 def read_log_probs(
@@ -121,13 +71,6 @@ def read_log_probs(
     return token_log_probs(logits, tokens)
 
 
-def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """fp32 log-softmax of ``logits [B, P, V]`` at ``tokens [B, P]``; ``-inf`` where a token is -1."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)  # [B, P, V]
-    picked = log_probs.gather(-1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked.masked_fill(tokens < 0, float("-inf"))
-
-
 TWO_PASS_MIN_DECISIONS = 12  # title decisions in a row from which the cached-prefix pass is the faster (score_batch)
 
 
@@ -149,15 +92,11 @@ def score_batch(model: nn.Module, batch: dict[str, torch.Tensor], readout=None, 
     from mmart.model.packing import attention_inputs
 
     if two_pass is None:
-        from mmart.model.prefix import agreed_across_ranks, can_reuse_prefix
-
         # Counted in decisions, not blocks: a decision's own-candidate blocks (prompt.candidate_context: own)
-        # are ~11 tokens each, too short for the second pass to pay (SFT steps 1.25x slower with it).
+        # are ~11 tokens each, too short for the second pass to pay.
         wanted = int(batch["decision_mask"].sum(-1).max()) >= TWO_PASS_MIN_DECISIONS and can_reuse_prefix(model)
         two_pass = agreed_across_ranks(model, wanted, batch["input_ids"].device)
     if two_pass:
-        from mmart.model.prefix import read_log_probs_two_pass
-
         read = read_log_probs_two_pass(model, batch)
     else:
         b, d, k = batch["answer_ids"].shape

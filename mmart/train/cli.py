@@ -3,10 +3,56 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import textwrap
+
+DEFAULT_CONFIG = "configs/default.yaml"
+
+# The settings that decide what a training stage learns, shown with their values under the default
+# config in the stage's --help (read from that config and the fields' own help, so they cannot drift).
+STAGE_SETTINGS = {
+    "sft": ("sft.examples", "sft.teacher", "sft.max_examples", "sft.unlogged_titles", "prompt.answer"),
+    "dpo": ("dpo.method", "dpo.pairs", "dpo.teacher", "dpo.negatives", "dpo.max_examples", "prompt.answer"),
+}
+
+
+def stage_settings(stage: str, config: str = DEFAULT_CONFIG) -> list[tuple[str, object, str]]:
+    """``(dotted key, value under config, the field's help)`` for each of the stage's STAGE_SETTINGS."""
+    from mmart.config import PipelineConfig, load_config
+
+    cfg = load_config(PipelineConfig, config)
+    out = []
+    for key in STAGE_SETTINGS[stage]:
+        section, name = key.split(".")
+        obj = getattr(cfg, section)
+        f = next(f for f in dataclasses.fields(obj) if f.name == name)
+        out.append((key, getattr(obj, name), f.metadata.get("help", "")))
+    return out
+
+
+def settings_epilog(stage: str) -> str:
+    """The --help epilog: the stage's deciding settings as ``key=value`` under the default config, each with its help."""
+    lines = [f"With the default --config ({DEFAULT_CONFIG}) it runs with:"]
+    for key, value, help_ in stage_settings(stage):
+        lines.append(f"  {key}={'null' if value is None else value}")
+        lines += textwrap.wrap(help_, width=100, initial_indent="      ", subsequent_indent="      ")
+    lines.append(f"`mmart config --fields {stage}` lists every setting; --set overrides any of them.")
+    return "\n".join(lines)
+
+
+class _SettingsHelp(argparse.HelpFormatter):
+    """Wraps the description as usual and prints the epilog as given; a callable epilog is built only when
+    --help is printed (it loads the default config, which every other command would pay for)."""
+
+    def add_text(self, text):
+        if callable(text):
+            self._add_item(lambda t: t + "\n", [text()])
+        else:
+            super().add_text(text)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="configs/default.yaml", help="pipeline config YAML (default: configs/default.yaml)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"pipeline config YAML (default: {DEFAULT_CONFIG})")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="dotted overrides, e.g. --set sft.max_examples=100 model.lora_r=8")
 
@@ -23,25 +69,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.set_defaults(func=_init)
 
     p = sub.add_parser(
-        "sft", help="supervised fine-tuning towards the played artwork (LoRA + projector)",
+        "sft", help="supervised fine-tuning of the chooser's choice (LoRA + projector)",
         description=(
-            "Fine-tune the chooser (LLM + artwork projector, LoRA via PEFT) on TRL's SFTTrainer towards the played "
-            "artwork of each sampled train impression (candidate order shuffled per example). prompt.answer=letter: "
-            "TRL's loss on the answer letter only; prompt.answer=per_candidate: a softmax over the candidates' "
-            "scores, optionally mixed with a teacher's choice distribution (sft.teacher=reward_model). "
-            "Checkpoints every sft.save_steps under <output_dir>/sft/checkpoints and resumes from the last one; writes <output_dir>/sft/model (adapter, projector, tokenizer, curves.png)."
-        ))
+            "Fine-tune the chooser (LLM + artwork projector, LoRA via PEFT) on TRL's SFTTrainer with a listwise "
+            "choice loss: a softmax over each decision's candidate scores (read as prompt.answer says) against the "
+            "played candidate where there is one, mixed with a teacher's choice distribution when sft.teacher "
+            "names one; sft.examples picks the decisions (candidate order shuffled per example). "
+            "Checkpoints every sft.save_steps under <output_dir>/sft/checkpoints and resumes from the last one; "
+            "writes <output_dir>/sft/model (adapter, projector, tokenizer, curves.png)."
+        ), epilog=lambda: settings_epilog("sft"), formatter_class=_SettingsHelp)
     _config_args(p)
     p.set_defaults(func=_sft)
 
     d = sub.add_parser(
-        "dpo", help="preference tuning after SFT: played artwork over shown-and-not-played ones",
+        "dpo", help="preference tuning after SFT on chosen-over-rejected pairs (dpo.pairs)",
         description=(
-            "DPO on top of the SFT model (merged; the reference is the SFT model itself). dpo.method=fast scores "
-            "every candidate (letter or per-candidate score) in one shared forward (policy and reference); "
-            "dpo.method=trl runs TRL's DPOTrainer on (chosen, rejected) letter pairs. "
-            "Resumes from <output_dir>/dpo/checkpoints; writes <output_dir>/dpo/model."
-        ))
+            "DPO on top of the SFT model (merged; the reference is the SFT model itself), on the chosen-over-rejected "
+            "pairs dpo.pairs says, counted in decisions (dpo.max_examples). dpo.method picks the trainer: one "
+            "shared forward that scores every candidate (policy and reference), or TRL's DPOTrainer on "
+            "(chosen, rejected) letter pairs. Resumes from <output_dir>/dpo/checkpoints; writes <output_dir>/dpo/model."
+        ), epilog=lambda: settings_epilog("dpo"), formatter_class=_SettingsHelp)
     _config_args(d)
     d.add_argument("--sft-model", help="SFT chooser folder (default: <output_dir>/sft/model)")
     d.set_defaults(func=_dpo)

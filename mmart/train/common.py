@@ -17,6 +17,7 @@ from mmart.data.contract import Contract, load_contract
 from mmart.distributed import trainer_accelerator_config
 from mmart.examples import ExampleBuilder
 from mmart.model.chooser import PROJECTOR_ATTR
+from mmart.train.config import StageConfig, check_extra, trainer_settings
 
 
 @dataclass
@@ -52,8 +53,8 @@ def load_inputs(cfg: PipelineConfig, data_dir: str | None = None, check: bool = 
 def native_bf16(dev: torch.device | None = None) -> tuple[bool, str]:
     """Whether bf16 is native on ``dev`` (default: the training device), and what was found.
 
-    On a CPU without AVX-512-bf16 or AMX, bf16 autocast emulates bf16 matmuls and ran a
-    SmolLM2 training step ~3x slower than fp32 (an Intel Xeon with AVX-512 but no bf16).
+    On a CPU without AVX-512-bf16 or AMX, bf16 autocast emulates bf16 matmuls, which is slower than
+    fp32 there.
     """
     dev = dev or device()
     if dev.type == "cuda":
@@ -95,7 +96,7 @@ def use_bf16(setting: bool | str | None, what: str = "") -> bool:
 def examples_budget(stage_cfg, what: str = "") -> int:
     """The stage's ``max_examples``, or its ``max_examples_fp32`` where it trains in fp32 on a CPU.
 
-    The fp32 path of a CPU without native bf16 is ~1.7x slower per step; a smaller budget there keeps
+    The fp32 path of a CPU without native bf16 is slower per step; a smaller budget there keeps
     the main job's time, at a stated cost in decisions. Says so once (``what``) when it applies.
     """
     cap = getattr(stage_cfg, "max_examples_fp32", 0)
@@ -123,9 +124,10 @@ def report_to(setting: str) -> list[str]:
     return trackers or ["none"]
 
 
-def common_args(stage_cfg: Any, out_dir: Path, slots: bool = False, what: str = "training",
+def common_args(stage_cfg: StageConfig, out_dir: Path, slots: bool = False, what: str = "training",
                 evaluate: bool = False) -> dict[str, Any]:
-    """TrainingArguments fields every stage sets the same way.
+    """TrainingArguments of a stage: its config's own (``StageConfig.trainer_args``), resolved for this machine,
+    and the fields every stage sets the same way.
 
     ``evaluate``: there is a val set; evaluate every ``eval_steps`` and at the end.
 
@@ -139,41 +141,30 @@ def common_args(stage_cfg: Any, out_dir: Path, slots: bool = False, what: str = 
     # The stage's choice wins over the launcher's: an accelerate config's `mixed_precision: bf16` reaches
     # TrainingArguments through this variable, which TrainingArguments only overrides when bf16 is on.
     os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if bf16 else "no"
-    return dict(
-        output_dir=str(out_dir / "checkpoints"),
-        num_train_epochs=stage_cfg.epochs,
-        per_device_train_batch_size=stage_cfg.batch_size,
-        gradient_accumulation_steps=stage_cfg.grad_accum,
-        learning_rate=stage_cfg.lr,
-        warmup_steps=stage_cfg.warmup_ratio,
-        lr_scheduler_type="cosine",
-        logging_steps=stage_cfg.logging_steps,
-        logging_first_step=True,  # a curve from the first step, even for a short run
-        eval_strategy="steps" if evaluate else "no",
-        eval_steps=stage_cfg.eval_steps if evaluate else None,
-        per_device_eval_batch_size=stage_cfg.batch_size,
-        save_strategy="steps",
-        save_steps=stage_cfg.save_steps,
-        save_total_limit=2,
-        seed=stage_cfg.seed,
-        data_seed=stage_cfg.seed,
-        bf16=bf16,
-        use_cpu=not on_gpu,
-        activation_checkpointing=stage_cfg.gradient_checkpointing,
-        report_to=report_to(stage_cfg.report_to),
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-        ddp_find_unused_parameters=not slots,
-        accelerator_config=trainer_accelerator_config(),
-    )
+    return {
+        **stage_cfg.trainer_args(),
+        "output_dir": str(out_dir / "checkpoints"),
+        "lr_scheduler_type": "cosine",
+        "logging_first_step": True,  # a curve from the first step, even for a short run
+        "eval_strategy": "steps" if evaluate else "no",
+        "eval_steps": stage_cfg.eval_steps if evaluate else None,
+        "per_device_eval_batch_size": stage_cfg.batch_size,
+        "save_strategy": "steps",
+        "save_total_limit": 2,
+        "bf16": bf16,
+        "use_cpu": not on_gpu,
+        "report_to": report_to(stage_cfg.report_to),
+        "remove_unused_columns": False,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": False,
+        "ddp_find_unused_parameters": not slots,
+        "accelerator_config": trainer_accelerator_config(),
+    }
 
 
 def trainer_config(config_cls: type, section: str, stage_cfg: Any, shared: dict[str, Any], **own: Any):
     """``config_cls(**shared, **own, **stage_cfg.extra)``, after refusing with one line an ``extra`` key that
     is not a field of ``config_cls`` or that mmart sets itself (``mmart.train.config.check_extra``)."""
-    from mmart.train.config import check_extra, trainer_settings
-
     check_extra(stage_cfg.extra, config_cls, trainer_settings(section, [*shared, *own]), f"{section}.extra")
     return config_cls(**shared, **own, **stage_cfg.extra)
 
@@ -196,9 +187,8 @@ def across_ranks(accelerator, mean: torch.Tensor, count: torch.Tensor | int) -> 
 def freeze_projector_if_zero_lr(model: torch.nn.Module, projector_lr: float) -> bool:
     """``projector_lr`` 0: keep the projector exactly as stage 0 (or SFT) left it.
 
-    The aligned slots sit on the LLM's tag-word tokens; SFT at a high projector rate moved
-    them off (cosine to their tokens 0.99 -> 0.54-0.73 in a default-sized run) and lost
-    ~0.06 true value. Frozen (no gradient, not in the optimizer), the LoRA layers learn to
+    The aligned slots sit on the LLM's tag-word tokens; SFT at a high projector rate moves
+    them off their tokens. Frozen (no gradient, not in the optimizer), the LoRA layers learn to
     read word-like slots instead. Returns whether it froze anything.
     """
     if projector_lr != 0:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from mmart.config_checks import FieldError, at_least, not_empty, positive, seeds, within
+from mmart.errors import ConfigError
 
 
 REPORT_TO_HELP = ("Where training metrics go besides trainer_state.json and curves.png, as TrainingArguments.report_to: "
@@ -16,8 +17,8 @@ REPORT_TO_HELP = ("Where training metrics go besides trainer_state.json and curv
                   "pip install -e '.[tensorboard]').")
 EVAL_STEPS_HELP = "Evaluate every this many steps (< 1: this share of the run's steps); also at the end."
 BF16_HELP = ("bf16 mixed precision (autocast; master weights in model.dtype). auto = on where bf16 is native: a GPU "
-             "that supports it, or a CPU with AVX-512-bf16 or AMX (there ~1.35x faster SmolLM2 steps; a CPU without "
-             "them runs bf16 ~3x SLOWER than fp32); true / false force it.")
+             "that supports it, or a CPU with AVX-512-bf16 or AMX (faster steps there; a CPU without them emulates "
+             "bf16, slower than fp32: keep auto or false there); true / false force it.")
 Bf16 = Union[bool, Literal["auto"], None]  # None: read as auto (pipeline.yaml files saved before "auto" existed)
 PACK_HELP = ("Decisions per packed row: one member prefix (system text, history, summary) read once, then up to this "
              "many title blocks that share it, each attending to the prefix and itself only. 1 = one prompt per "
@@ -41,7 +42,7 @@ class ModelConfig:
     lora_alpha: int = 32
     lora_dropout: float = field(default=0.0, metadata={
         "help": "LoRA dropout. 0 keeps resume bit-exact: with dropout, transformers' resume replays a different "
-                "dropout mask (LoRA weights then differ by ~2e-4 from an uninterrupted run)."})
+                "dropout mask (LoRA weights then differ slightly from an uninterrupted run's)."})
     lora_target: str = field(default="all-linear", metadata={"help": "PEFT target_modules."})
     seed: int = field(default=0, metadata={"help": "Seeds the projector init (so a resumed run rebuilds the same base)."})
     projector_init: Literal["random", "tags", "caption"] = field(default="tags", metadata={
@@ -57,31 +58,90 @@ class ModelConfig:
         seeds(self, "seed")
 
 
+def _trainer(*names: str, aliases: tuple[str, ...] = (), owner: str = "TrainingArguments") -> dict[str, Any]:
+    """Field metadata naming what the trainer's config calls a stage field: ``names`` are passed the field's value
+    (``StageConfig.trainer_args``), ``aliases`` are other names of the same setting (refused in ``extra``)."""
+    return {"trainer": names, "trainer_aliases": aliases, "trainer_owner": owner}
+
+
 @dataclass
-class SFTStageConfig:
+class StageConfig:
+    """What SFT and DPO share: the budget, the packing and the training loop, each loop field passed to the
+    trainer under the name its metadata gives (``trainer_args``)."""
+
+    max_examples: int = field(default=0, metadata={
+        "help": "Train on at most this many decisions (0 = all), drawn member by member so packed rows stay full "
+                "(DPO: each decision's chosen candidate against every rejected one it is paired with)."})
+    max_examples_fp32: int = field(default=0, metadata={
+        "help": "max_examples where this stage trains in fp32 on a CPU (bf16 off: auto on a CPU without "
+                "avx512_bf16 or AMX, or bf16: false), which is slower per step; 0 = max_examples. Set it lower than "
+                "max_examples to keep the job's time on such a CPU, at the cost of fewer decisions."})
+    pack_titles: int = field(default=8, metadata={"help": PACK_HELP + " DPO: fast path only."})
+    epochs: float = field(default=1.0, metadata=_trainer("num_train_epochs"))
+    batch_size: int = field(default=8, metadata={
+        "help": "Rows per device per step (a row: one member's prefix and up to pack_titles decisions).",
+        **_trainer("per_device_train_batch_size")})
+    grad_accum: int = field(default=1, metadata=_trainer("gradient_accumulation_steps"))
+    lr: float = field(default=2e-4, metadata={"help": "LoRA learning rate.", **_trainer("learning_rate")})
+    projector_lr: float = field(default=1e-3, metadata={
+        "help": "The projector's own rate (it is new, so faster than LoRA). 0 = frozen as the stage before left it "
+                "(stage 0 for SFT, SFT for DPO): the default config's choice, since training it moves word-aligned "
+                "slots off their words."})
+    # Passed as TrainingArguments.warmup_steps, which transformers 5 reads as a ratio below 1 (warmup_ratio: 4's name).
+    warmup_ratio: float = field(default=0.05, metadata=_trainer("warmup_steps", aliases=("warmup_ratio",)))
+    save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps (resume point).",
+                                                  **_trainer("save_steps")})
+    logging_steps: float = field(default=0.05, metadata={
+        "help": "Log the training metrics every this many steps (< 1: this share of the run's steps, so a short run "
+                "still draws a curve); the first step is always logged.", **_trainer("logging_steps")})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "Trade compute for memory (GPU, big models).",
+        **_trainer("activation_checkpointing", aliases=("gradient_checkpointing",))})  # transformers 5's name, alias
+    bf16: Bf16 = field(default="auto", metadata={"help": BF16_HELP, **_trainer("bf16")})
+    report_to: str = field(default="none", metadata={"help": REPORT_TO_HELP, **_trainer("report_to")})
+    eval_examples: int = field(default=0, metadata={
+        "help": "Evaluate on this many val decisions (drawn member by member) during training: the stage's loss "
+                "(DPO: on logged val preferences), choice accuracy and, on the demo world, the true value of the val "
+                "pairs (eval_true_value). 0 = no evaluation."})
+    eval_steps: float = field(default=0.34, metadata={"help": EVAL_STEPS_HELP, **_trainer("eval_steps")})
+    seed: int = field(default=0, metadata=_trainer("seed", "data_seed"))
+    extra: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "Any other field of the stage's trainer config (SFT: trl.SFTConfig; DPO: TrainingArguments / "
+                "trl.DPOConfig)."})
+
+    def __post_init__(self) -> None:
+        _check_stage(self)
+
+    def trainer_args(self) -> dict[str, Any]:
+        """The TrainingArguments fields this config sets, by the trainer's names (``learning_rate=lr``, ...).
+
+        Only TrainingArguments' own fields; a trainer-specific one (DPOConfig's ``beta``) the stage passes itself,
+        in the form its trainer takes."""
+        return {name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata.get("trainer_owner") == "TrainingArguments" for name in f.metadata["trainer"]}
+
+    @classmethod
+    def trainer_names(cls) -> dict[str, str]:
+        """Trainer field name (and alias) -> the stage field it comes from (``learning_rate`` -> ``lr``)."""
+        return {name: f.name for f in dataclasses.fields(cls)
+                for name in (*f.metadata.get("trainer", ()), *f.metadata.get("trainer_aliases", ()))}
+
+
+def _stage_field(name: str, default: Any) -> Any:
+    """``StageConfig``'s field ``name`` (its help, its trainer name) with another stage's default."""
+    return field(default=default, metadata=StageConfig.__dataclass_fields__[name].metadata)
+
+
+@dataclass
+class SFTStageConfig(StageConfig):
     examples: Literal["played", "pairs"] = field(default="played", metadata={
         "help": "Which logged decisions teach: played = one per played impression (the answer is the played "
                 "artwork); pairs = every logged member-title pair, played or not (the teacher's distribution is "
                 "defined on all of them; the played label adds to the loss where there is one)."})
-    max_examples: int = field(default=0, metadata={
-        "help": "Train on at most this many decisions (0 = all), drawn member by member so packed rows stay full."})
-    max_examples_fp32: int = field(default=0, metadata={
-        "help": "max_examples where this stage trains in fp32 on a CPU (bf16 off: auto on a CPU without "
-                "avx512_bf16 or AMX, or bf16: false), a path ~1.7x slower per step; 0 = max_examples. The default "
-                "config sets it so the main job stays within ~20 minutes there too."})
-    pack_titles: int = field(default=8, metadata={"help": PACK_HELP})
     unlogged_titles: int = field(default=0, metadata={
         "help": "Per sampled member prefix, add this many catalog titles the member was never shown, labelled by "
                 "the teacher alone (needs sft.teacher); packed behind the prefix, each costs only its title block. "
                 "Counted on top of max_examples."})
-    epochs: float = 1.0
-    batch_size: int = field(default=8, metadata={"help": "Rows per device per step (a row: one member's prefix and "
-                                                           "up to pack_titles decisions)."})
-    grad_accum: int = 1
-    lr: float = field(default=2e-4, metadata={"help": "LoRA learning rate."})
-    projector_lr: float = field(default=1e-3, metadata={
-        "help": "The projector's own rate (it is new, so faster than LoRA). 0 = frozen as stage 0 left it: the "
-                "default config's choice, since training it moves word-aligned slots off their words."})
     propensity_clip: Optional[float] = field(default=10.0, metadata={
         "help": "Weight each played label's loss by min(1/propensity, clip), scaled to mean 1 (importance weighting "
                 "against the serving policy's bias: what members play, not what it liked to show); null = unweighted."})
@@ -95,24 +155,10 @@ class SFTStageConfig:
     teacher_temperature: float = field(default=1.0, metadata={
         "help": "Teacher distribution = softmax(logit(q) / T). Choosing is ranking: T < 1 sharpens the teacher's "
                 "ranking into a stronger signal than its nearly flat play probabilities."})
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps (resume point)."})
-    logging_steps: float = field(default=0.05, metadata={
-        "help": "Log the training metrics every this many steps (< 1: this share of the run's steps, so a short run "
-                "still draws a curve); the first step is always logged."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory (GPU, big models)."})
-    bf16: Bf16 = field(default="auto", metadata={"help": BF16_HELP})
-    report_to: str = field(default="none", metadata={"help": REPORT_TO_HELP})
-    eval_examples: int = field(default=0, metadata={
-        "help": "Evaluate on this many val decisions (drawn member by member) during training: loss, choice accuracy "
-                "and, on the demo world, the true value of the val pairs (eval_true_value). 0 = no evaluation."})
-    eval_steps: float = field(default=0.34, metadata={"help": EVAL_STEPS_HELP})
-    seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Any other trl.SFTConfig field."})
+    weight_decay: float = field(default=0.0, metadata=_trainer("weight_decay"))
 
     def __post_init__(self) -> None:
-        _check_stage(self)
+        super().__post_init__()
         # Weights are min(1/propensity, clip) with propensities in (0, 1]: a clip below 1 makes every
         # weight equal, a uniform draw in disguise (a negative one was silently accepted as such).
         if self.propensity_clip is not None and not self.propensity_clip >= 1:
@@ -126,9 +172,12 @@ class SFTStageConfig:
 
 
 @dataclass
-class DPOStageConfig:
+class DPOStageConfig(StageConfig):
+    lr: float = _stage_field("lr", 5e-5)
+    projector_lr: float = _stage_field("projector_lr", 2e-4)
     method: Literal["fast", "trl"] = field(default="fast", metadata={
-        "help": "fast = one shared forward scores every candidate letter; trl = TRL's DPOTrainer (all loss variants)."})
+        "help": "fast = one shared forward scores every candidate (letter or per-candidate score); trl = TRL's "
+                "DPOTrainer (all loss variants)."})
     pairs: Literal["logged", "teacher"] = field(default="logged", metadata={
         "help": "Where preference pairs come from. logged = the played artwork over the shown-and-not-played ones "
                 "(else over the others), one noisy play each; teacher = on every logged decision of the drawn "
@@ -144,38 +193,13 @@ class DPOStageConfig:
                 "reference (the SFT model). all = every one; hardest = only the one the reference scores highest; "
                 "misordered = only those the reference scores at or above the chosen one (a decision the reference "
                 "already orders teaches nothing), so DPO spends its steps where the argmax is wrong."})
-    beta: float = 0.1
-    loss_type: str = field(default="sigmoid", metadata={"help": "fast: sigmoid or robust; trl: any TRL loss_type."})
-    label_smoothing: float = 0.0
-    max_examples: int = field(default=0, metadata={
-        "help": "Train on at most this many preference examples (0 = all), drawn member by member."})
-    max_examples_fp32: int = field(default=0, metadata={
-        "help": "max_examples where this stage trains in fp32 on a CPU (bf16 off: auto on a CPU without "
-                "avx512_bf16 or AMX, or bf16: false), a path ~1.7x slower per step; 0 = max_examples. The default "
-                "config sets it so the main job stays within ~20 minutes there too."})
-    pack_titles: int = field(default=8, metadata={"help": PACK_HELP + " fast path only."})
-    epochs: float = 1.0
-    batch_size: int = field(default=8, metadata={"help": "Rows per device per step."})
-    grad_accum: int = 1
-    lr: float = 5e-5
-    projector_lr: float = field(default=2e-4, metadata={"help": "0 = projector frozen (as SFT left it)."})
-    warmup_ratio: float = 0.05
-    save_steps: int = 50
-    logging_steps: float = field(default=0.05, metadata={
-        "help": "Log the training metrics every this many steps (< 1: this share of the run's steps, so a short run "
-                "still draws a curve); the first step is always logged."})
-    gradient_checkpointing: bool = False
-    bf16: Bf16 = field(default="auto", metadata={"help": BF16_HELP})
-    report_to: str = field(default="none", metadata={"help": REPORT_TO_HELP})
-    eval_examples: int = field(default=0, metadata={
-        "help": "Evaluate on this many val decisions (drawn member by member) during training: the DPO loss of logged val preferences, choice accuracy "
-                "and, on the demo world, the true value of the val pairs (eval_true_value). 0 = no evaluation."})
-    eval_steps: float = field(default=0.34, metadata={"help": EVAL_STEPS_HELP})
-    seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Any other TrainingArguments / DPOConfig field."})
+    beta: float = field(default=0.1, metadata=_trainer("beta", owner="DPOConfig"))
+    loss_type: str = field(default="sigmoid", metadata={"help": "fast: sigmoid or robust; trl: any TRL loss_type.",
+                                                        **_trainer("loss_type", owner="DPOConfig")})
+    label_smoothing: float = field(default=0.0, metadata=_trainer("label_smoothing", owner="DPOConfig"))
 
     def __post_init__(self) -> None:
-        _check_stage(self)
+        super().__post_init__()
         positive(self, "beta")
         at_least(self, 0, "teacher_margin")
         if self.method == "trl" and self.negatives != "all":
@@ -193,23 +217,22 @@ class EvalConfig:
     max_pairs: int = field(default=0, metadata={"help": "Score at most this many test pairs (0 = all); a seeded sample."})
     pairs: Literal["all", "uniform"] = field(default="all", metadata={
         "help": "Which test pairs to sample: all, or only those logged uniformly at random (their hit rate is "
-                "unbiased, and a capped sample then holds ~3x the uniform impressions; true value and IPS stay "
+                "unbiased, and a capped sample then holds more uniform impressions; true value and IPS stay "
                 "unbiased, since the slice is a random subset of the test pairs)."})
     n_boot: int = field(default=1000, metadata={"help": "Bootstrap resamples for every interval."})
     candidate_orders: int = field(default=1, metadata={
         "help": "Score each pair under this many candidate orders (prompt.shuffle_seed, +1, ...) and average each "
                 "candidate's probability: a candidate's score also reads the candidates before it, so one order is "
-                "one noisy view (the default SmolLM2 model changes 21-25% of its choices with the order). The extra "
-                "orders are more title blocks behind the same member prefix: 4 orders took 1.6x one order's "
-                "scoring time on the default world. It makes a score independent of one order's luck; on three "
-                "pair sets it did not make the model choose better (within +-0.003)."})
+                "one noisy view (a small model changes some of its choices with the order). The extra orders are "
+                "more title blocks behind the same member prefix, so scoring takes longer, less than in proportion. "
+                "Use it to make a score independent of one order's luck."})
     bf16: Bf16 = field(default="auto", metadata={
-        "help": "Score under bf16 autocast: " + BF16_HELP + " Probabilities move by ~1e-2 under bf16, so compare "
+        "help": "Score under bf16 autocast: " + BF16_HELP + " Probabilities move a little under bf16, so compare "
                 "models scored the same way."})
     seed: int = 0
     untrained: bool = field(default=False, metadata={
         "help": "scripts/train.sh also scores the untrained chooser (stage 0 only; the report's zero-shot row): "
-                "a third predict, ~1/3 more of the predict stage's CPU (~3 minutes on a 2-core CPU's fp32 path)."})
+                "a third predict, beside the trained models' two."})
 
     def __post_init__(self) -> None:
         from mmart.config_checks import one_of
@@ -221,7 +244,7 @@ class EvalConfig:
         seeds(self, "seed")
 
 
-def _check_stage(cfg: "SFTStageConfig | DPOStageConfig") -> None:
+def _check_stage(cfg: StageConfig) -> None:
     """What SFT and DPO share: sizes, rates and a warmup that transformers reads as a ratio."""
     at_least(cfg, 0, "max_examples", "max_examples_fp32")
     positive(cfg, "epochs")
@@ -240,34 +263,15 @@ def _check_stage(cfg: "SFTStageConfig | DPOStageConfig") -> None:
         raise FieldError("extra", cfg.extra, f"a mapping of field names (strings), not {bad[0]!r}")
 
 
-# --- Trainer names: what TrainingArguments / TRL call the stage fields. ---
+# --- Trainer names: what TrainingArguments / TRL call the stage fields (from the fields' metadata). ---
 
 # TrainingArguments (or TRL config) field -> the SFT/DPO stage field mmart passes to it. Shown by
 # `mmart config --fields sft`, suggested when a config uses the trainer's name (sft.learning_rate),
 # and the basis of ``trainer_settings`` (what ``extra`` may not set again).
-TRAINER_NAMES: dict[str, str] = {
-    "learning_rate": "lr",
-    "per_device_train_batch_size": "batch_size",
-    "gradient_accumulation_steps": "grad_accum",
-    "num_train_epochs": "epochs",
-    "warmup_steps": "warmup_ratio",  # transformers 5 reads warmup_steps < 1 as a ratio
-    "warmup_ratio": "warmup_ratio",  # transformers 4's name
-    "seed": "seed",
-    "data_seed": "seed",
-    "save_steps": "save_steps",
-    "logging_steps": "logging_steps",
-    "weight_decay": "weight_decay",
-    "activation_checkpointing": "gradient_checkpointing",  # transformers 5's name
-    "gradient_checkpointing": "gradient_checkpointing",  # its deprecated alias
-    "bf16": "bf16",
-    "report_to": "report_to",
-    "eval_steps": "eval_steps",
-    "beta": "beta",
-    "loss_type": "loss_type",
-    "label_smoothing": "label_smoothing",
-}
+TRAINER_NAMES: dict[str, str] = {**SFTStageConfig.trainer_names(), **DPOStageConfig.trainer_names()}
 # Trainer names that belong to TRL's DPOConfig rather than TrainingArguments (for display).
-DPO_TRAINER_NAMES = frozenset({"beta", "loss_type", "label_smoothing"})
+DPO_TRAINER_NAMES = frozenset(name for f in dataclasses.fields(DPOStageConfig)
+                              if f.metadata.get("trainer_owner") == "DPOConfig" for name in f.metadata["trainer"])
 
 
 def trainer_name(stage_field: str) -> str | None:
@@ -301,8 +305,6 @@ def check_extra(extra: dict, config_cls: type, mmart_sets: dict[str, str], where
     not a field of ``config_cls`` (with the nearest field) or one mmart sets (naming the mmart key):
     passed through, they were a TypeError inside the trainer ("got multiple values for keyword").
     """
-    from mmart.config import ConfigError
-
     fields = [f.name for f in dataclasses.fields(config_cls) if f.init]
     for key in extra:
         if not isinstance(key, str):

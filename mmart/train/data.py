@@ -8,15 +8,29 @@ so the training step only gathers rows from the device-resident cache tensor.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
 from mmart.errors import UserError
 from mmart.examples import Decision, Example, PromptEncoder
-from mmart.model.packing import pack_decisions
+from mmart.model.packing import collate_rows, pack_decisions
+
+
+@dataclass
+class DecisionCollator:
+    """Pads packed decision rows into a batch (``mmart.model.packing.collate_rows``, rows right-padded):
+    what the SFT trainer and the fast DPO trainer both take."""
+
+    pad_token_id: int
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return collate_rows(rows, self.pad_token_id)
 
 RowsOf = Callable[[Sequence[str]], list[int]]
 

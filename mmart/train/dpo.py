@@ -32,22 +32,19 @@ from mmart.train.common import (
     freeze_projector_if_zero_lr,
     last_checkpoint,
     load_inputs,
-    save_curves,
     say_digest,
     trainer_config,
 )
-from mmart.train.data import cache_rows, decision_rows, oracle_play, subsample
+from mmart.train.data import DecisionCollator, cache_rows, decision_rows, oracle_play, subsample
 from mmart.train.dpo_fast import (
     FastDPOConfig,
     MultimodalDPOTrainer,
-    MultipleChoiceCollator,
     MultipleChoiceDPOTrainer,
     expand_to_pairs,
 )
 from mmart.log import say
-from mmart.model.card import write_model_card
-from mmart.train.saving import save_trained_chooser, training_facts
-from mmart.train.sft import _yaml, encoder_for
+from mmart.train.finish import save_stage_model
+from mmart.train.sft import encoder_for
 
 
 class FastTrainer(ProjectorLRMixin, MultipleChoiceDPOTrainer):
@@ -163,7 +160,7 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
         args = trainer_config(FastDPOConfig, "dpo", d, shared, beta=d.beta, loss_type=d.loss_type,
                               label_smoothing=d.label_smoothing, negatives=d.negatives)
         trainer = FastTrainer(model=model, args=args, train_dataset=rows, eval_dataset=val,
-                              data_collator=MultipleChoiceCollator(pad_token_id=tokenizer.pad_token_id))
+                              data_collator=DecisionCollator(pad_token_id=tokenizer.pad_token_id))
         trainer.readout = inputs.builder.readout
     else:
         from trl import DPOConfig
@@ -182,13 +179,7 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
     if val is not None:
         trainer.evaluate()  # the final model on val, for the curves
     say_digest(trainer.model, "dpo")
-    model_dir = out / "model"
     # The DPO adapter stacked on the SFT one, on the SFT model's own base: the folder stands alone.
-    save_trained_chooser(trainer, tokenizer, model_dir, stacked_on=sft_dir, files={"pipeline.yaml": _yaml(cfg)})
-    if trainer.is_world_process_zero():
-        save_curves(trainer.state.log_history, model_dir / "curves.png",
-                    ("loss", "rewards/margins", "rewards/accuracies", "true_value", "learning_rate"))
-        write_record(model_dir, made)
-        write_model_card(model_dir, training_facts(trainer, len(examples), len(rows), time.perf_counter() - start))
-        say(f"[mmart dpo] saved {model_dir} in {time.perf_counter() - start:.0f}s")
-    return model_dir
+    return save_stage_model(trainer, tokenizer, cfg, "dpo", out / "model", made,
+                            ("loss", "rewards/margins", "rewards/accuracies", "true_value", "learning_rate"),
+                            len(examples), len(rows), start, stacked_on=sft_dir)

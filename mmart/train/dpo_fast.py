@@ -46,7 +46,6 @@ from trl import DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from mmart.model.batching import pad_artwork_ids
-from mmart.model.packing import collate_rows
 from mmart.model.scoring import score_batch
 from mmart.train.common import across_ranks
 
@@ -215,16 +214,6 @@ def fast_dpo_loss(
         policy_logps=policy_logps,
         ref_logps=ref_logps,
     )
-
-
-@dataclass
-class MultipleChoiceCollator:
-    """Pads decision rows into the ``fast_dpo_loss`` batch (rows right-padded)."""
-
-    pad_token_id: int
-
-    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return collate_rows(rows, self.pad_token_id)
 
 
 def expand_to_pairs(rows: Sequence[dict[str, Any]]) -> Iterator[dict[str, Any]]:

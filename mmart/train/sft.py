@@ -13,18 +13,16 @@ Run as: ``mmart sft --config configs/default.yaml`` (resumes from its last check
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from mmart.config import PipelineConfig, to_dict
+from mmart.config import PipelineConfig
 from mmart.distributed import distributed_state
 from mmart.examples import PromptEncoder
-from mmart.artefacts import fresh_checkpoints, made_from, write_record
+from mmart.artefacts import fresh_checkpoints, made_from
 from mmart.model.chooser import slots_per_artwork
-from mmart.model.packing import collate_rows
 from mmart.model.scoring import score_batch
 from mmart.train.common import (
     ProjectorLRMixin,
@@ -33,25 +31,13 @@ from mmart.train.common import (
     freeze_projector_if_zero_lr,
     last_checkpoint,
     load_inputs,
-    save_curves,
     say_digest,
     trainer_config,
 )
-from mmart.train.data import cache_rows, decision_rows, oracle_play, subsample
+from mmart.train.data import DecisionCollator, cache_rows, decision_rows, oracle_play, subsample
 from mmart.train.init import build_model, ensure_init
 from mmart.log import say
-from mmart.model.card import write_model_card
-from mmart.train.saving import save_trained_chooser, training_facts
-
-
-@dataclass
-class DecisionCollator:
-    """Pads packed decision rows (``mmart.model.packing.collate_rows``)."""
-
-    pad_token_id: int
-
-    def __call__(self, rows):
-        return collate_rows(rows, self.pad_token_id)
+from mmart.train.finish import save_stage_model
 
 
 def choice_loss(scores: torch.Tensor, batch: dict[str, torch.Tensor], teacher_weight: float = 0.0):
@@ -154,7 +140,7 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
     shared = common_args(cfg.sft, out, slots=cfg.prompt.artwork_input == "embeddings", what="sft",
                          evaluate=val is not None)
     args = trainer_config(SFTConfig, "sft", cfg.sft, shared, max_length=None, packing=False,
-                          dataset_kwargs={"skip_prepare_dataset": True}, weight_decay=cfg.sft.weight_decay)
+                          dataset_kwargs={"skip_prepare_dataset": True})
     trainer = ArtworkSFTTrainer(model=model, args=args, train_dataset=data, eval_dataset=val, processing_class=tokenizer,
                                 data_collator=DecisionCollator(pad_token_id=tokenizer.pad_token_id),
                                 callbacks=callbacks)
@@ -170,17 +156,6 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
     if val is not None:
         trainer.evaluate()  # the final model on val, for the curves
     say_digest(trainer.model, "sft")
-    model_dir = save_trained_chooser(trainer, tokenizer, out / "model", files={"pipeline.yaml": _yaml(cfg)})
-    if trainer.is_world_process_zero():
-        save_curves(trainer.state.log_history, model_dir / "curves.png",
-                    ("loss", "choice_accuracy", "true_value", "teacher_ce", "learning_rate"))
-        write_record(model_dir, made)
-        write_model_card(model_dir, training_facts(trainer, len(examples), len(data), time.perf_counter() - start))
-        say(f"[mmart sft] saved {model_dir} in {time.perf_counter() - start:.0f}s")
-    return model_dir
-
-
-def _yaml(cfg: PipelineConfig) -> str:
-    import yaml
-
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return save_stage_model(trainer, tokenizer, cfg, "sft", out / "model", made,
+                            ("loss", "choice_accuracy", "true_value", "teacher_ce", "learning_rate"),
+                            len(examples), len(data), start)

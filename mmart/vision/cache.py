@@ -91,7 +91,7 @@ def auto_workers(cache: CacheConfig, num_processes: int = 1) -> int:
 
     With the torch threads set to the cores the workers leave, a 2-core machine runs one
     decoding worker beside one encoding thread: never two OpenMP threads competing for a core
-    (measured up to 10x slower when OpenMP threads spin-wait on a busy core).
+    (OpenMP threads spin-waiting on a busy core slow everything on it down).
     """
     return cache.num_workers if cache.num_workers >= 0 else min(8, max(1, _cores(num_processes) - 1))
 

@@ -104,8 +104,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _calm_openmp() -> None:
     """Let idle OpenMP threads sleep rather than spin, if torch is not loaded yet (the variable is read then).
 
-    Measured on this project's 2-core machines: with another busy process, spinning threads made
-    CPU training steps and forwards 10-15x slower; sleeping ones cost nothing measurable.
+    On a machine with few cores and another busy process, spinning threads take the cores the
+    training steps and forwards need; sleeping ones cost them nothing.
     """
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -142,7 +142,7 @@ def test_model_folders_name_no_path_of_the_training_machine(run):
 
 
 def test_model_cards_name_base_data_and_the_reports_headline(run):
-    from mmart.eval.report import _fmt
+    from mmart.eval.bootstrap import format_estimate
     from mmart.model.card import NOT_EVALUATED
 
     for name in ("sft", "dpo"):
@@ -153,7 +153,7 @@ def test_model_cards_name_base_data_and_the_reports_headline(run):
         assert data in card
         d = run.report["differences"][f"{name} - production"]
         assert NOT_EVALUATED not in card
-        assert f"Lift vs production: {_fmt(d['lift'], pct=True)}" in card
+        assert f"Lift vs production: {format_estimate(d['lift'], pct=True)}" in card
         assert ("not significant" in card) == (d["verdict"] == "no evidence")
         assert run.report["dataset_fingerprint"] in card
     assert "stands alone" in (run.dpo / "README.md").read_text()

@@ -12,10 +12,10 @@ from trl import DPOConfig
 from mmart.model.checkpoint import lora_config
 from mmart.model.chooser import PROJECTOR_ATTR
 from mmart.model.testing import letter_ids, one_decision_row, tiny_chooser, tiny_prompt_ids
+from mmart.train.data import DecisionCollator
 from mmart.train.dpo_fast import (
     FastDPOConfig,
     MultimodalDPOTrainer,
-    MultipleChoiceCollator,
     MultipleChoiceDPOTrainer,
     expand_to_pairs,
     fast_dpo_loss,
@@ -70,7 +70,7 @@ def _trl_loss(trainer, pairs: list[dict]) -> torch.Tensor:
 
 def test_fast_per_pair_losses_equal_trls(setup) -> None:
     trainer, tokenizer, examples, pairs = setup
-    batch = MultipleChoiceCollator(tokenizer.pad_token_id)(examples)
+    batch = DecisionCollator(tokenizer.pad_token_id)(examples)
     with torch.no_grad():
         fast = fast_dpo_loss(trainer.model, batch, beta=BETA)
     fast_pairs = fast.pair_losses[fast.pair_mask]  # row-major = expand_to_pairs order
@@ -83,7 +83,7 @@ def test_fast_per_pair_losses_equal_trls(setup) -> None:
 
 def test_robust_label_smoothing_equals_trls(setup) -> None:
     trainer, tokenizer, examples, pairs = setup
-    batch = MultipleChoiceCollator(tokenizer.pad_token_id)(examples)
+    batch = DecisionCollator(tokenizer.pad_token_id)(examples)
     with torch.no_grad():
         fast = fast_dpo_loss(trainer.model, batch, beta=BETA, label_smoothing=0.1, loss_type="robust")
     trainer.loss_types, trainer.label_smoothing = ["robust"], 0.1
@@ -112,7 +112,7 @@ def test_trls_training_loss_changes_when_the_artworks_change(setup) -> None:
 def test_fast_loss_trains_lora_and_the_projector_copy_only(setup) -> None:
     trainer, tokenizer, examples, _ = setup
     trainer.model.zero_grad()
-    batch = MultipleChoiceCollator(tokenizer.pad_token_id)(examples)
+    batch = DecisionCollator(tokenizer.pad_token_id)(examples)
     fast_dpo_loss(trainer.model, batch, beta=BETA).loss.backward()
     grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
     assert any("lora_A" in n for n in grads)
@@ -131,7 +131,7 @@ def test_the_reference_forward_leaves_a_frozen_projector_frozen(setup) -> None:
         for p in copy:
             p.requires_grad_(False)
         trainer.model.zero_grad()
-        batch = MultipleChoiceCollator(tokenizer.pad_token_id)(examples)
+        batch = DecisionCollator(tokenizer.pad_token_id)(examples)
         fast_dpo_loss(trainer.model, batch, beta=BETA).loss.backward()
         assert not any(p.requires_grad or p.grad is not None for p in copy)
         assert any(p.grad is not None for n, p in trainer.model.named_parameters() if "lora_A" in n)
@@ -179,7 +179,7 @@ def test_multiple_choice_trainer_runs_and_logs_dpo_metrics(tmp_path: Path) -> No
     )
     trainer = MultipleChoiceDPOTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(examples), eval_dataset=Dataset.from_list(examples),
-        data_collator=MultipleChoiceCollator(tokenizer.pad_token_id),
+        data_collator=DecisionCollator(tokenizer.pad_token_id),
     )
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -201,7 +201,7 @@ def test_generate_still_takes_artwork_ids_after_trl_patched_the_model(setup) -> 
 def test_fast_rewards_equal_trls_logged_rewards(setup) -> None:
     """The logged rewards/chosen and rewards/margins are TRL's (the chosen reward is not a masked 0)."""
     trainer, tokenizer, examples, pairs = setup
-    batch = MultipleChoiceCollator(tokenizer.pad_token_id)(examples)
+    batch = DecisionCollator(tokenizer.pad_token_id)(examples)
     with torch.no_grad():
         fast = fast_dpo_loss(trainer.model, batch, beta=BETA)
     per_pair_chosen = fast.chosen_rewards.unsqueeze(-1).expand_as(fast.pair_mask)[fast.pair_mask]
@@ -231,7 +231,7 @@ def test_misordered_negatives_keep_only_what_the_reference_misorders(setup) -> N
     """The kept pairs' losses are the full loss's on those pairs; a batch whose every decision the reference
     already orders gives a zero loss whose backward still runs (a rank with no pair keeps DDP in step)."""
     trainer, tokenizer, examples, _ = setup
-    batch = MultipleChoiceCollator(tokenizer.pad_token_id)(examples)
+    batch = DecisionCollator(tokenizer.pad_token_id)(examples)
     with torch.no_grad():
         every = fast_dpo_loss(trainer.model, batch, beta=BETA)
         mis = fast_dpo_loss(trainer.model, batch, beta=BETA, negatives="misordered")

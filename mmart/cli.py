@@ -39,8 +39,9 @@ def report_problems(subject: object, problems: list, ok: str) -> int:
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """argparse measures subcommand names one indent short of where it prints them, so the longest name (past 8
-    letters: ``rationales``) sat alone on its line; measured where they are printed, each keeps its help beside it."""
+    """argparse sizes the help column from subcommand names one indent short of where it prints them, so a name
+    past 8 letters (``rationales``) would sit alone on its line; sized where they are printed, each keeps its help
+    beside it."""
 
     def add_argument(self, action: argparse.Action) -> None:
         super().add_argument(action)

@@ -19,13 +19,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmart.prompt_length import PromptLengths, measure_prompt_lengths
+from mmart.prompt_length import LONGEST, MEMBERS, PromptLengths, measure_prompt_lengths
 
 GIB = 1 << 30
 DEFAULT_GPU_GIB = 80.0
 DEFAULT_OVERHEAD_GIB = 2.0
 
-FORMULA = """\
+FORMULA = f"""\
 What is counted (per rank, bytes; n = ranks; "/n" only where the accelerate config shards the term):
 
   parameters   counted on the chooser built on the meta device as `mmart sft` builds it: the LLM
@@ -71,7 +71,7 @@ What is counted (per rank, bytes; n = ranks; "/n" only where the accelerate conf
             scripts/train.sh runs the three predicts side by side: 3x on one GPU.
 
 The prompt length s comes from --seq-len, else it is measured with the renderer itself: every
-decision of 64 members drawn at random and of the 4 with the longest histories (from data_dir when
+decision of {MEMBERS} members drawn at random and of the {LONGEST} with the longest histories (from data_dir when
 it holds a dataset, else from a small world generated from the config's world section) is rendered
 with the config's prompt section, as training and scoring render it (member prefix + title
 block(s), unpacked), and counted with the model's own tokenizer when it is on this machine (else

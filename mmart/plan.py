@@ -19,21 +19,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmart.prompt_length import LONGEST, MEMBERS, PromptLengths, measure_prompt_lengths
+
 GIB = 1 << 30
 DEFAULT_GPU_GIB = 80.0
 DEFAULT_OVERHEAD_GIB = 2.0
 
-# Prompt-length estimate (tokens), when --seq-len is not given: means counted with SmolLM2's tokenizer
-# on the demo world's rendered prompts (Llama 3's larger vocabulary gives somewhat fewer), rounded up.
-TEMPLATE_TOKENS = 70  # chat template and system prompt (26 with ChatML; Llama 3.1 adds a dated preamble), headers
-HISTORY_LINE_TOKENS = {True: 21, False: 12}  # '- "Name" (genre, genre), rated 4/5' with / without title names
-PLAYED_FROM_TOKENS = 4  # ', played from' before a history line's artwork slots
-SUMMARY_TOKENS = 40  # history_summary: one line of tag counts
-TITLE_TOKENS = {True: 17, False: 7}  # the title line with / without its name
-SYNOPSIS_TOKENS = 20
-CANDIDATE_TOKENS = 5  # 'A: ' + slots + ' A' (or ' match') + newline, besides the slots
-
-FORMULA = """\
+FORMULA = f"""\
 What is counted (per rank, bytes; n = ranks; "/n" only where the accelerate config shards the term):
 
   parameters   counted on the chooser built on the meta device as `mmart sft` builds it: the LLM
@@ -78,10 +70,13 @@ What is counted (per rank, bytes; n = ranks; "/n" only where the accelerate conf
             + b x s x e x (4h + 3i) + LM head (forward) + cache + overhead, b = eval.batch_size.
             scripts/train.sh runs the three predicts side by side: 3x on one GPU.
 
-The prompt length s comes from --seq-len or an estimate from the prompt section (chat template
-70 tokens; per history line 21 with title names, 12 without, + 4 + slots with its artwork, capped
-at history_token_budget; history summary 40; title 17 or 7, synopsis 20; per candidate 5 + slots;
-prompt.candidate_context: own repeats the title line, with its synopsis, for every candidate).
+The prompt length s comes from --seq-len, else it is measured with the renderer itself: every
+decision of {MEMBERS} members drawn at random and of the {LONGEST} with the longest histories (from data_dir when
+it holds a dataset, else from a small world generated from the config's world section) is rendered
+with the config's prompt section, as training and scoring render it (member prefix + title
+block(s), unpacked), and counted with the model's own tokenizer when it is on this machine (else
+with one that is, named in the output: nothing is downloaded). s is the longest of them, not the
+mean: a batch is padded to its longest prompt, so the batch holding the longest sizes the peak.
 Estimates only: measure on a lent GPU with scripts/bench_gpu.py."""
 
 
@@ -361,23 +356,6 @@ def count_model(model) -> ModelCounts:
 # --- the workload: prompt length, batch, cache -------------------------------------------------
 
 
-def estimate_prompt_tokens(cfg) -> int:
-    """Prompt length in tokens from the prompt section (see FORMULA; the real length varies by member)."""
-    p = cfg.prompt
-    # What slots_per_artwork(model) gives once the cache is installed: cached vectors x projector outputs.
-    slots = cfg.cache.tokens_per_artwork * cfg.model.projector_tokens if p.artwork_input == "embeddings" else 12
-    k = int(getattr(cfg.world, "artworks_per_title", 4))
-    tokens = TEMPLATE_TOKENS + TITLE_TOKENS[p.names] + (SYNOPSIS_TOKENS if p.synopsis else 0)
-    if p.max_history > 0:
-        line = HISTORY_LINE_TOKENS[p.names] + ((PLAYED_FROM_TOKENS + slots) if p.history_artworks else 0)
-        tokens += min(p.max_history * line, p.history_token_budget)
-    tokens += SUMMARY_TOKENS if p.history_summary else 0
-    tokens += (4 + 3 * p.history_genres) if p.history_genres else 0  # 'Watched 24 titles: drama 12, ...'
-    if p.candidate_context == "own":  # every candidate repeats the title line
-        tokens += (k - 1) * (TITLE_TOKENS[p.names] + (SYNOPSIS_TOKENS if p.synopsis else 0))
-    return tokens + k * (CANDIDATE_TOKENS + slots)
-
-
 def num_artworks(cfg) -> int:
     """Rows of the artwork cache: the dataset's artworks table if it exists, else the world config's."""
     table = Path(cfg.data_dir) / "artworks.parquet"
@@ -430,10 +408,11 @@ class Plan:
     model_source: str
     counts: ModelCounts
     seq_len: int
-    seq_len_source: str
+    seq_len_source: str  # "--seq-len", or how it was measured (PromptLengths.describe)
     artworks: int
     cache_width: int
     stages: list[StageMemory]
+    prompt: PromptLengths | None = None  # the measured lengths (None under --seq-len)
 
     def over(self) -> list[StageMemory]:
         return [s for s in self.stages if s.total > self.gpu_gib * GIB]
@@ -522,12 +501,16 @@ def model_info(cfg, home: Path | None = None) -> ModelInfo:
 
 def make_plan(cfg, launch: Launch, config_name: str = "", gpu_gib: float = DEFAULT_GPU_GIB,
               seq_len: int | None = None, overhead_gib: float = DEFAULT_OVERHEAD_GIB,
-              info: ModelInfo | None = None, home: Path | None = None) -> Plan:
-    """Size SFT, DPO and predict per rank under ``launch`` (``info``: a counted model to reuse)."""
+              info: ModelInfo | None = None, home: Path | None = None,
+              prompt: PromptLengths | None = None) -> Plan:
+    """Size SFT, DPO and predict per rank under ``launch`` (``info``: a counted model to reuse; ``prompt``:
+    measured prompt lengths to reuse, else they are measured unless ``seq_len`` is given)."""
     info = info or model_info(cfg, home)
     counts, dim = info.counts, info.cache_width
     embeddings = cfg.prompt.artwork_input == "embeddings"
-    s = seq_len or estimate_prompt_tokens(cfg)
+    if not seq_len:
+        prompt = prompt or measure_prompt_lengths(cfg, home)[0]
+    s = seq_len or prompt.max
     k = int(getattr(cfg.world, "artworks_per_title", 4))
     reads = 1 if cfg.prompt.answer == "letter" else k
     artworks = num_artworks(cfg) if embeddings else 0
@@ -554,7 +537,7 @@ def make_plan(cfg, launch: Launch, config_name: str = "", gpu_gib: float = DEFAU
                       cache_bytes, overhead),
     ]
     return Plan(config_name, launch, gpu_gib, info.source, counts, s,
-                "--seq-len" if seq_len else "estimated from the prompt section", artworks, dim, stages)
+                "--seq-len" if seq_len else prompt.describe(), artworks, dim, stages, None if seq_len else prompt)
 
 
 # --- the command ---------------------------------------------------------------------------------
@@ -578,8 +561,8 @@ def format_plan(plan: Plan) -> str:
         f"key/value {c.kv_width}, {c.vocab_rows} embedding rows",
         f"parameters: total {c.total:,} = LLM {c.llm:,} + LoRA {c.lora:,} + projector 2 x {c.projector:,} "
         f"(base copy + trained copy); non-embedding {c.non_embedding:,}",
-        f"prompt: {plan.seq_len} tokens ({plan.seq_len_source}); cache {plan.artworks:,} artworks x width "
-        f"{plan.cache_width}",
+        f"prompt: {plan.seq_len} tokens ({plan.seq_len_source})",
+        f"cache: {plan.artworks:,} artworks x width {plan.cache_width}",
         "",
         row("GiB per rank", [s.stage for s in plan.stages]),
         row("batch per rank (sequences)", [str(s.sequences) for s in plan.stages]),
@@ -618,7 +601,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-memory", type=float, default=DEFAULT_GPU_GIB, metavar="GIB",
                    help=f"memory per GPU in GiB (default {DEFAULT_GPU_GIB:g})")
     p.add_argument("--seq-len", type=int, default=None,
-                   help="prompt tokens (default: estimated from the prompt section)")
+                   help="prompt tokens (default: the longest of the decisions rendered with the prompt section)")
     p.add_argument("--overhead-gib", type=float, default=DEFAULT_OVERHEAD_GIB,
                    help=f"per-rank overhead beyond the counted terms (default {DEFAULT_OVERHEAD_GIB:g})")
     p.add_argument("--json", metavar="PATH", help="also write the plan as JSON")

@@ -200,7 +200,7 @@ RESULT = re.compile(r"""(?ix)
   | \d(?:\.\d+)?x\+?\s+(?:faster|slower|cheaper|quicker|longer|one\b)  # 1.7x slower, took 1.6x one order's
   | (?:faster|slower)\s*\(?~?\d(?:\.\d+)?x                           # slower (1.2x)
   | ~\d+(?:\.\d+)?x\b                                                 # ~3x
-  | \bno\ better\b | \bnone\ better\b | \bdid\ not\ make\b | \bnothing\ measurable\b | \bmeasur(?:ed|ably)\b
+  | \bno\ better\b | \bnone\ better\b | \bdid\ not\ make\b | \bnothing\ measurable\b | \bmeasurably\b | \bmeasured\s+(?:at\s+|as\s+)?[+~-]?\d
   | \bscored\s+[+-]?\d | \d\s*vs\.?\s*[+-]?\d                         # scored 0.5, 0.474 vs 0.532
   | \[\s*[+-]?\d*\.\d+\s*,\s*[+-]?\d*\.\d+\s*\]                     # an interval [-0.01, +0.02]
   | \d\s*(?:->|→)\s*\d                                                 # 0.99 -> 0.54-0.73

@@ -8,8 +8,12 @@ import pytest
 
 from mmart.cli import main
 from mmart.config import CONFIG_ROOT, PipelineConfig, load_config
-from mmart.model.testing import tiny_tokenizer
-from mmart.plan import GIB, make_plan, model_info, read_launch
+from mmart.data.contract import load_contract
+from mmart.examples import ExampleBuilder, PromptEncoder
+from mmart.model.chooser import slots_per_artwork
+from mmart.model.testing import tiny_chooser, tiny_tokenizer
+from mmart.plan import GIB, format_plan, make_plan, model_info, read_launch
+from mmart.prompt_length import measure_prompt_lengths
 
 ACCEL = CONFIG_ROOT / "accelerate"
 
@@ -135,3 +139,89 @@ def test_help_shows_the_formula(capsys):
         main(["plan", "--help"])
     out = capsys.readouterr().out
     assert "F = 9h + 2h_kv + 4i" in out and "4 x trainable parameters" in out
+    assert "rendered" in out and "the longest of them, not the" in out
+
+
+# --- the prompt length: measured with the renderer ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def info_smoke():
+    return model_info(load_config(PipelineConfig, CONFIG_ROOT / "smoke.yaml"))
+
+
+def _smoke(world, *overrides: str) -> PipelineConfig:
+    return load_config(PipelineConfig, CONFIG_ROOT / "smoke.yaml", [f"data_dir={world}", *overrides])
+
+
+def _rendered(cfg: PipelineConfig, world, tokenizer) -> list[int]:
+    """Every decision of the world (its 60 members, each pair at its first impression) as PromptEncoder encodes
+    it, with the slots per artwork of a chooser built with the config's cache and projector."""
+    model, _ = tiny_chooser(tokens_per_artwork=cfg.cache.tokens_per_artwork,
+                            projector_tokens=cfg.model.projector_tokens)
+    builder = ExampleBuilder(load_contract(world), cfg.prompt)
+    encoder = PromptEncoder(builder, tokenizer, slots_per_artwork(model))
+    decisions = [encoder.decision(ex) for split in ("train", "val", "test") for ex in builder.pair_examples(split)]
+    return [len(d.prefix.ids) + sum(len(b.ids) for b in d.blocks) for d in decisions]
+
+
+def test_the_planned_length_is_the_renderers_count_of_the_longest_decision(tiny_world, info_smoke):
+    cfg = _smoke(tiny_world)
+    rendered = _rendered(cfg, tiny_world, tiny_tokenizer())
+    plan = make_plan(cfg, read_launch(ACCEL / "single_gpu.yaml"), info=info_smoke)
+    assert plan.seq_len == max(rendered) and plan.prompt.decisions == len(rendered) > 100
+    assert plan.prompt.mean == pytest.approx(sum(rendered) / len(rendered))
+    assert measure_prompt_lengths(cfg)[1] == rendered  # decision by decision
+    assert f"{max(rendered)} tokens (measured: the longest of {len(rendered)} decisions" in format_plan(plan)
+    assert "tiny:llama's tokenizer" in plan.seq_len_source
+    assert make_plan(cfg, read_launch(ACCEL / "single_gpu.yaml"), seq_len=77, info=info_smoke).seq_len == 77
+
+
+@pytest.mark.parametrize("setting", ["prompt.synopsis=false", "prompt.names=false", "prompt.max_history=1",
+                                     "prompt.history_summary=true", "prompt.candidate_context=own"])
+def test_a_prompt_setting_moves_the_plan_by_what_the_renderer_counts(tiny_world, info_smoke, setting):
+    before, after = _smoke(tiny_world), _smoke(tiny_world, setting)
+    launch = read_launch(ACCEL / "single_gpu.yaml")
+    planned = make_plan(after, launch, info=info_smoke).seq_len - make_plan(before, launch, info=info_smoke).seq_len
+    counted = max(_rendered(after, tiny_world, tiny_tokenizer())) - max(_rendered(before, tiny_world, tiny_tokenizer()))
+    assert planned == counted != 0
+
+
+def test_without_a_dataset_it_renders_a_world_generated_from_the_world_section(tiny_world, tmp_path):
+    # The small world keeps the tiny world's 60 members and 24 titles: the same tables, the same prompts.
+    generated, lengths = measure_prompt_lengths(_smoke(tmp_path / "none"))
+    assert lengths == measure_prompt_lengths(_smoke(tiny_world))[1]
+    assert "60-member, 24-title world generated from the config's world section" in generated.data
+
+
+def test_a_dataset_is_sampled_by_member_keeping_the_longest_histories(tiny_world, monkeypatch):
+    import mmart.prompt_length as pl
+
+    monkeypatch.setattr(pl, "MEMBERS", 5)
+    monkeypatch.setattr(pl, "LONGEST", 2)
+    users = load_contract(tiny_world).frame("users")
+    longest = set(users.user_id[users.history.map(len) == users.history.map(len).max()])
+    tables = pl._sampled(load_contract(tiny_world), pl.MEMBERS, pl.LONGEST)
+    kept = set(tables.frame("users").user_id)
+    assert 5 <= len(kept) <= 7 and kept & longest and set(tables.frame("impressions").user_id) <= kept
+    assert measure_prompt_lengths(_smoke(tiny_world))[0].decisions < 40
+
+
+def test_without_the_models_tokenizer_it_measures_with_one_on_this_machine_and_says_which(tiny_world, tmp_path):
+    from transformers import LlamaConfig
+
+    llm = tmp_path / "llm"  # config.json only: the plan's parameters, but no tokenizer to count with
+    LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=4).save_pretrained(llm)
+    cfg = _smoke(tiny_world, f"model.base_model={llm}")
+    home = tmp_path / "home"  # no SmolLM2, no Llama 3 wheel: mmart's tiny tokenizer is what is left
+    lengths, counted = measure_prompt_lengths(cfg, home)
+    assert "tiny test tokenizer" in lengths.tokenizer and "the model's own was not found locally" in lengths.tokenizer
+    assert counted == _rendered(cfg, tiny_world, tiny_tokenizer())
+    smol = home / "models" / "SmolLM2-135M-Instruct"  # a converted SmolLM2 in $MMART_HOME comes first
+    tiny_tokenizer().save_pretrained(smol)
+    assert measure_prompt_lengths(cfg, home)[0].tokenizer.startswith("SmolLM2's tokenizer")
+    tiny_tokenizer(None).save_pretrained(llm)  # the model's own, beside its config.json
+    lengths, counted = measure_prompt_lengths(cfg, home)
+    assert lengths.tokenizer.startswith("the model's own tokenizer")
+    assert counted == _rendered(cfg, tiny_world, tiny_tokenizer())

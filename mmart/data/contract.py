@@ -292,14 +292,28 @@ def _as_int(v: Any) -> int | None:
 
 
 def validate_contract(contract: Contract) -> list[Problem]:
-    """Check every rule of the data contract (docs/data.md) on a loaded contract."""
+    """Check every rule of the data contract (docs/data.md) on a loaded contract; problems in rule order."""
     c = _Collector()
     titles, artworks = contract.frame("titles"), contract.frame("artworks")
     users, imps = contract.frame("users"), contract.frame("impressions")
     for name in TABLES:
         _check_types(c, name, contract.frame(name))
+    _check_unique_ids(c, contract)
+    title_ids = set(titles["title_id"])
+    art_title = dict(zip(artworks["artwork_id"], artworks["title_id"]))
+    _check_foreign_keys(c, imps, title_ids, set(users["user_id"]), art_title)
+    last_history = _check_histories(c, users, title_ids, art_title)
+    _check_artworks_per_title(c, titles, artworks)
+    _check_impression_values(c, imps)
+    _check_paths(c, contract, artworks)
+    _check_leakage(c, imps, last_history)
+    _check_splits(c, imps)
+    _check_split_overlap(c, imps)
+    return c.finish()
 
-    # Unique ids.
+
+def _check_unique_ids(c: _Collector, contract: Contract) -> None:
+    """Each table's id column holds no id twice."""
     for name in TABLES:
         col = ID_COLUMNS[name]
         dup = contract.frame(name)[col]
@@ -307,11 +321,9 @@ def validate_contract(contract: Contract) -> list[Problem]:
             c.add("unique-ids", f"{name}.parquet", f"{col}={key}", f"{col} appears more than once",
                   f"give every row of {name}.parquet its own {col}")
 
-    title_ids = set(titles["title_id"])
-    user_ids = set(users["user_id"])
-    art_title = dict(zip(artworks["artwork_id"], artworks["title_id"]))
 
-    # Foreign keys.
+def _check_foreign_keys(c: _Collector, imps, title_ids: set, user_ids: set, art_title: dict) -> None:
+    """Artworks name known titles; impressions name known members, titles, and an artwork of that title."""
     for aid, tid in art_title.items():
         if tid not in title_ids:
             c.add("foreign-keys", "artworks.parquet", f"artwork_id={aid}", f"title_id {tid!r} is not in titles.parquet",
@@ -334,7 +346,10 @@ def validate_contract(contract: Contract) -> list[Problem]:
                   f"shown_artwork_id {row.shown_artwork_id!r} belongs to title {shown_title!r}, not {row.title_id!r}",
                   "log the artwork that was shown for this title")
 
-    # History: foreign keys, ratings; and collect timestamps for the leakage rule.
+
+def _check_histories(c: _Collector, users, title_ids: set, art_title: dict) -> dict[str, tuple[int, str]]:
+    """History events' foreign keys, ratings and timestamps; returns each member's last event (time, key),
+    which the leakage rule compares with their first impression."""
     last_history: dict[str, tuple[int, str]] = {}
     for uid, history in zip(users["user_id"], users["history"]):
         for i, ev in enumerate(history if history is not None else []):
@@ -363,8 +378,11 @@ def validate_contract(contract: Contract) -> list[Problem]:
                       "store event times as integer seconds")
             elif uid not in last_history or ts > last_history[uid][0]:
                 last_history[uid] = (ts, key)
+    return last_history
 
-    # A title has at least 2 artworks.
+
+def _check_artworks_per_title(c: _Collector, titles, artworks) -> None:
+    """A title has at least 2 artworks: choosing needs a choice."""
     counts = artworks.groupby("title_id").size().to_dict()
     for tid in titles["title_id"]:
         if counts.get(tid, 0) < 2:
@@ -372,7 +390,9 @@ def validate_contract(contract: Contract) -> list[Problem]:
                   f"title has {counts.get(tid, 0)} artwork(s); choosing needs at least 2",
                   "add candidate artworks for it or drop the title and its impressions")
 
-    # Propensity in (0, 1]; valid split names.
+
+def _check_impression_values(c: _Collector, imps) -> None:
+    """Propensity in (0, 1]; valid split names."""
     for iid, p in zip(imps["impression_id"], imps["propensity"]):
         if not (isinstance(p, (int, float)) and 0 < p <= 1):
             c.add("propensity", "impressions.parquet", f"impression_id={iid}", f"propensity {p!r} is not in (0, 1]",
@@ -382,7 +402,9 @@ def validate_contract(contract: Contract) -> list[Problem]:
             c.add("schema", "impressions.parquet", f"impression_id={iid}", f"split {s!r} is not one of {list(SPLITS)}",
                   "assign each member-title pair to train, val or test")
 
-    # Image paths: relative, inside the folder, a regular file.
+
+def _check_paths(c: _Collector, contract: Contract, artworks) -> None:
+    """Image paths: relative, inside the folder, a regular file."""
     real_root = os.path.realpath(contract.root)
     for aid, rel in zip(artworks["artwork_id"], artworks["path"]):
         if not isinstance(rel, str):
@@ -397,7 +419,9 @@ def validate_contract(contract: Contract) -> list[Problem]:
             c.add("paths", "artworks.parquet", f"artwork_id={aid}", f"path {short(rel)}: {problem}",
                   "store paths relative to the dataset folder, e.g. images/<artwork_id>.png, each naming an image file")
 
-    # No leakage from the future: the member's history is older than every impression it conditions.
+
+def _check_leakage(c: _Collector, imps, last_history: dict[str, tuple[int, str]]) -> None:
+    """No leakage from the future: the member's history is older than every impression it conditions."""
     first_imp: dict[str, tuple[int, str]] = {}
     for uid, ts, iid in zip(imps["user_id"], imps["timestamp"], imps["impression_id"]):
         ts = _as_int(ts)
@@ -411,7 +435,9 @@ def validate_contract(contract: Contract) -> list[Problem]:
                   f"history event at {hts} is not older than impression {first_imp[uid][1]} at {first_imp[uid][0]}",
                   "keep in history only events before the member's first impression (later plays belong in impressions)")
 
-    # Something to train on and something to evaluate: SFT needs played train impressions, eval needs test ones.
+
+def _check_splits(c: _Collector, imps) -> None:
+    """Something to train on and something to evaluate: SFT needs played train impressions, eval needs test ones."""
     split_of = imps["split"]
     played = imps["played"].map(lambda v: v is True or (hasattr(v, "dtype") and v.dtype.kind == "b" and bool(v)))
     if not (played & (split_of == "train")).any():
@@ -423,11 +449,12 @@ def validate_contract(contract: Contract) -> list[Problem]:
         c.add("splits", "impressions.parquet", "split=test", "the test split has no impressions: nothing to evaluate on",
               "assign some member-title pairs to test")
 
-    # No member-title pair in more than one split.
+
+def _check_split_overlap(c: _Collector, imps) -> None:
+    """No member-title pair in more than one split."""
     pair_splits = imps.groupby(["user_id", "title_id"])["split"].agg(lambda s: sorted(set(s)))
     for (uid, tid), splits in pair_splits.items():
         if len(splits) > 1:
             c.add("split-overlap", "impressions.parquet", f"user_id={uid}, title_id={tid}",
                   f"member-title pair appears in splits {splits}",
                   "split by member-title pair so every impression of a pair is in one split")
-    return c.finish()

@@ -130,14 +130,7 @@ def evaluate(data_dir: str | Path, preds: dict[str, str | Path], out_dir: str | 
     pairs = common_pairs(frames, preds)
     resolved, config_source = resolve_config(config, preds)
     contract = load_contract(data_dir, check=False)
-    imps = contract.frame("impressions")
-    known = set(zip(imps.user_id[imps.split == split], imps.title_id[imps.split == split]))
-    outside = [p for p in pairs if p not in known]
-    if outside:
-        first = next(iter(preds))
-        raise UserError(f"--pred {first}={preds[first]}: {len(outside)} scored pairs, e.g. {outside[0]}, are not "
-                        f"{split} pairs of {data_dir}; score this dataset's split: mmart predict --data {data_dir} "
-                        f"--split {split}")
+    _check_pairs_in_split(contract, pairs, preds, data_dir, split)
     es = pol.eval_set(contract, split, pairs, data_dir / "oracle.parquet")
     rates = pol.artwork_play_rates(contract)
 
@@ -148,27 +141,8 @@ def evaluate(data_dir: str | Path, preds: dict[str, str | Path], out_dir: str | 
     shown_q = q_hat[es.impressions.pair.to_numpy(), es.impressions.shown.to_numpy()]
     played = es.impressions.played.to_numpy(dtype=float)
 
-    policies: dict[str, np.ndarray] = {name: pol.model_policy(es, f, name=name) for name, f in frames.items()}
-    for k in kinds:
-        name = "teacher" if len(kinds) == 1 else f"teacher_{k}"
-        policies[name] = pol.scores_policy(es, fitted[k].table(es.pairs.user_id, es.pairs.candidates, es.mask.shape[1]))
-    if es.p_play is not None:
-        policies[BASELINE] = pol.production_policy(es)
-    policies["popularity"] = pol.popularity_policy(es, rates)
-    policies["random"] = pol.random_policy(es)
-    if es.p_taste is not None:
-        policies["taste_oracle"] = pol.taste_oracle_policy(es)
-    if es.p_play is not None:
-        policies["oracle"] = pol.oracle_policy(es)
-
-    results = {}
-    for name, probs in policies.items():
-        m = policy_metrics(es, probs, n_boot, seed, q_hat)
-        if BASELINE in policies and name != BASELINE:
-            m.update(relative_to(es, probs, policies[BASELINE], policies.get("oracle"), n_boot, seed,
-                                 policies.get("taste_oracle")))
-        results[name] = m
-
+    policies = _policies(es, frames, kinds, fitted, rates)
+    results = _policy_results(es, policies, n_boot, seed, q_hat)
     wanted = [(name, BASELINE) for name in frames if BASELINE in policies]
     wanted += [parse_diff(d, list(policies)) for d in diffs or []]
     differences = {f"{a} - {b}": {"a_name": a, "b_name": b,
@@ -201,6 +175,48 @@ def evaluate(data_dir: str | Path, preds: dict[str, str | Path], out_dir: str | 
     _plots(report, out)
     update_model_cards(report, preds, out)
     return report
+
+
+def _check_pairs_in_split(contract, pairs, preds: dict, data_dir: Path, split: str) -> None:
+    """Predictions of another dataset or split would be scored against the wrong outcomes: refuse them."""
+    imps = contract.frame("impressions")
+    known = set(zip(imps.user_id[imps.split == split], imps.title_id[imps.split == split]))
+    outside = [p for p in pairs if p not in known]
+    if outside:
+        first = next(iter(preds))
+        raise UserError(f"--pred {first}={preds[first]}: {len(outside)} scored pairs, e.g. {outside[0]}, are not "
+                        f"{split} pairs of {data_dir}; score this dataset's split: mmart predict --data {data_dir} "
+                        f"--split {split}")
+
+
+def _policies(es, frames: dict, kinds: list[str], fitted: dict, rates) -> dict[str, np.ndarray]:
+    """Every policy the report scores, in the report's order: the models, the teachers, production (demo only),
+    the cheap baselines, then the oracles (demo only)."""
+    policies: dict[str, np.ndarray] = {name: pol.model_policy(es, f, name=name) for name, f in frames.items()}
+    for k in kinds:
+        name = "teacher" if len(kinds) == 1 else f"teacher_{k}"
+        policies[name] = pol.scores_policy(es, fitted[k].table(es.pairs.user_id, es.pairs.candidates, es.mask.shape[1]))
+    if es.p_play is not None:
+        policies[BASELINE] = pol.production_policy(es)
+    policies["popularity"] = pol.popularity_policy(es, rates)
+    policies["random"] = pol.random_policy(es)
+    if es.p_taste is not None:
+        policies["taste_oracle"] = pol.taste_oracle_policy(es)
+    if es.p_play is not None:
+        policies["oracle"] = pol.oracle_policy(es)
+    return policies
+
+
+def _policy_results(es, policies: dict[str, np.ndarray], n_boot: int, seed: int, q_hat) -> dict[str, dict]:
+    """Each policy's metrics, and its lift and gap closed against production where the demo world gives them."""
+    results = {}
+    for name, probs in policies.items():
+        m = policy_metrics(es, probs, n_boot, seed, q_hat)
+        if BASELINE in policies and name != BASELINE:
+            m.update(relative_to(es, probs, policies[BASELINE], policies.get("oracle"), n_boot, seed,
+                                 policies.get("taste_oracle")))
+        results[name] = m
+    return results
 
 
 def _verdicts(frames: dict, differences: dict, results: dict) -> dict[str, str]:

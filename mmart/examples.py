@@ -56,7 +56,7 @@ class PromptConfig:
         "help": "played = count the tags of the artworks played from; chosen = per tag, how often the member played "
                 "from an artwork with it beyond what the title's artworks offered (played minus the candidates' "
                 "mean, summed), preferred looks first with that margin: the contrast, without the catalog's base "
-                "rates (a look every title offers counts high for every member)."})
+                "rates (a look every title offers counts high for every member). (evidence: docs/experiments.md)"})
     history_summary_top: int = field(default=0, metadata={
         "help": "0 = every tag with its count; N = only the N most played-from tags of each family, no counts "
                 "(shorter, and a plainer matching task for a small LLM); with history_summary_looks: chosen, the "
@@ -64,18 +64,20 @@ class PromptConfig:
     history_summary_margins: Literal["numbers", "repeat"] = field(default="numbers", metadata={
         "help": "How history_summary_looks: chosen writes a look's margin: numbers = 'close-up +3'; repeat = the "
                 "look's word once per unit of margin ('close-up close-up close-up'), so a candidate's artwork slot "
-                "that matches it meets it as often as the member preferred it (about as many tokens as numbers)."})
+                "that matches it meets it as often as the member preferred it (about as many tokens as numbers)."
+                " (evidence: docs/experiments.md)"})
     history_genres: int = field(default=0, metadata={
         "help": "N > 0: one more line over the whole history, 'Watched 24 titles: drama 12, romance 8, ...', the N "
                 "genres the member watched most with their title counts (the lines show only max_history titles; "
-                "~4 + 3N tokens). 0 = no line."})
+                "~4 + 3N tokens). 0 = no line. (evidence: docs/experiments.md)"})
     names: bool = field(default=True, metadata={
         "help": "Include title names; off shortens prompts (the demo world's names only restate genres)."})
     candidate_context: Literal["title", "own"] = field(default="title", metadata={
         "help": "title = one block per title, its candidates in a row, so each candidate's score also reads the "
                 "ones before it (and so depends on their order); own = each candidate in a block of its own (the "
                 "title line, then that artwork alone), so its score reads the member and the title only and no "
-                "candidate order can change a choice (per_candidate readout only; ~10% more tokens on the default prompt)."})
+                "candidate order can change a choice (per_candidate readout only; ~10% more tokens on the default prompt)."
+                " (evidence: docs/experiments.md)"})
 
     def __post_init__(self) -> None:
         from mmart.config_checks import at_least

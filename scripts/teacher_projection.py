@@ -11,7 +11,7 @@ same pairs, each candidate's probability now the fit's (and NAME.made_from.json:
 fingerprints, the fit). Scoring that file beside the model's tells whether the
 model misses the teacher's signal (the projection is no better than the model) or carries it plus something that
 costs (the projection is better): on the default world every SFT model tried projects to about its teacher's
-value while scoring ~0.015 below it (README). Pairs whose title has fewer candidates than the widest are kept
+value while scoring below it (docs/experiments.md). Pairs whose title has fewer candidates than the widest are kept
 (padding is masked). Seconds per file.
 """
 

@@ -75,7 +75,8 @@ class StageConfig:
     max_examples_fp32: int = field(default=0, metadata={
         "help": "max_examples where this stage trains in fp32 on a CPU (bf16 off: auto on a CPU without "
                 "avx512_bf16 or AMX, or bf16: false), which is slower per step; 0 = max_examples. Set it lower than "
-                "max_examples to keep the job's time on such a CPU, at the cost of fewer decisions."})
+                "max_examples to keep the job's time on such a CPU, at the cost of fewer decisions."
+                " (evidence: docs/experiments.md)"})
     pack_titles: int = field(default=8, metadata={"help": PACK_HELP + " DPO: fast path only."})
     epochs: float = field(default=1.0, metadata=_trainer("num_train_epochs"))
     batch_size: int = field(default=8, metadata={
@@ -141,7 +142,7 @@ class SFTStageConfig(StageConfig):
     unlogged_titles: int = field(default=0, metadata={
         "help": "Per sampled member prefix, add this many catalog titles the member was never shown, labelled by "
                 "the teacher alone (needs sft.teacher); packed behind the prefix, each costs only its title block. "
-                "Counted on top of max_examples."})
+                "Counted on top of max_examples. (evidence: docs/experiments.md)"})
     propensity_clip: Optional[float] = field(default=10.0, metadata={
         "help": "Weight each played label's loss by min(1/propensity, clip), scaled to mean 1 (importance weighting "
                 "against the serving policy's bias: what members play, not what it liked to show); null = unweighted."})
@@ -187,12 +188,13 @@ class DPOStageConfig(StageConfig):
         "help": "The teacher that ranks candidates for pairs: teacher (mmart.eval.teacher)."})
     teacher_margin: float = field(default=0.5, metadata={
         "help": "pairs: teacher: a candidate is rejected when its logit P(play) is at least this far below the top's "
-                "(0: any candidate strictly below it)."})
+                "(0: any candidate strictly below it). (evidence: docs/experiments.md)"})
     negatives: Literal["all", "hardest", "misordered"] = field(default="all", metadata={
         "help": "fast path: which of a decision's rejected candidates its chosen one is paired against, judged by the "
                 "reference (the SFT model). all = every one; hardest = only the one the reference scores highest; "
                 "misordered = only those the reference scores at or above the chosen one (a decision the reference "
-                "already orders teaches nothing), so DPO spends its steps where the argmax is wrong."})
+                "already orders teaches nothing), so DPO spends its steps where the argmax is wrong."
+                " (evidence: docs/experiments.md)"})
     beta: float = field(default=0.1, metadata=_trainer("beta", owner="DPOConfig"))
     loss_type: str = field(default="sigmoid", metadata={"help": "fast: sigmoid or robust; trl: any TRL loss_type.",
                                                         **_trainer("loss_type", owner="DPOConfig")})
@@ -225,7 +227,7 @@ class EvalConfig:
                 "candidate's probability: a candidate's score also reads the candidates before it, so one order is "
                 "one noisy view (a small model changes some of its choices with the order). The extra orders are "
                 "more title blocks behind the same member prefix, so scoring takes longer, less than in proportion. "
-                "Use it to make a score independent of one order's luck."})
+                "Use it to make a score independent of one order's luck. (evidence: docs/experiments.md)"})
     bf16: Bf16 = field(default="auto", metadata={
         "help": "Score under bf16 autocast: " + BF16_HELP + " Probabilities move a little under bf16, so compare "
                 "models scored the same way."})

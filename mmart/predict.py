@@ -117,29 +117,18 @@ def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | 
     ``pack_titles``: decisions per packed row (default ``eval.pack_titles``; 1 = one prompt each):
     a member's titles share one read of the member's history; the scores are the same.
     """
-    import yaml
-
-    from mmart.config import PipelineConfig, from_dict
-    from mmart.model.checkpoint import load_chooser
+    from mmart.artefacts import predict_made_from
+    from mmart.model.checkpoint import load_chooser, read_spec
     from mmart.model.chooser import set_artwork_cache
     from mmart.model.inference import ready_for_scoring
     from mmart.train.common import device, load_inputs, use_bf16
-    from mmart.train.data import cache_rows, decision_rows, subsample
+    from mmart.train.data import cache_rows, decision_rows
     from mmart.train.sft import encoder_for
-
-    from mmart.artefacts import predict_made_from, write_record
-    from mmart.errors import UserError
-    from mmart.model.checkpoint import read_spec
 
     start = time.perf_counter()
     model_dir = Path(model_dir)
     read_spec(model_dir)  # one line when the folder is not a saved chooser
-    if cfg is None:  # the prompt and cache settings the model was trained with
-        saved = model_dir / "pipeline.yaml"
-        if not saved.is_file():
-            raise UserError(f"{model_dir} has no pipeline.yaml (the prompt and cache settings the model was trained "
-                            "with; `mmart export` folders do not carry one): pass --config <the training config>")
-        cfg = from_dict(PipelineConfig, yaml.safe_load(saved.read_text()), str(saved))
+    cfg = cfg if cfg is not None else _saved_config(model_dir)
     seed = cfg.eval.seed if seed is None else seed
     chosen_pairs = pairs is not None  # a caller's own pairs (a review): no record for train.sh to reuse
     inputs = load_inputs(cfg, str(data_dir), check=False, expect_tower=False)
@@ -147,15 +136,7 @@ def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | 
     model, tokenizer, _ = load_chooser(model_dir, dtype=cfg.model.dtype, device=device())
     if inputs.cache is not None:
         set_artwork_cache(model, inputs.cache.embeddings)
-    if slice_ not in ("all", UNIFORM_POLICY):
-        raise ValueError(f"slice must be 'all' or {UNIFORM_POLICY!r}, got {slice_!r}")
-    if slice_ == UNIFORM_POLICY:
-        uniform = uniform_pairs(inputs.contract.frame("impressions"), split)
-        pairs = uniform if pairs is None else pairs & uniform
-    examples = inputs.builder.pair_examples(split)
-    if pairs is not None:
-        examples = [ex for ex in examples if (ex.user_id, ex.title_id) in pairs]
-    examples = subsample(examples, max_pairs, seed)
+    examples = _examples_to_score(inputs, split, pairs, slice_, max_pairs, seed)
     pack = cfg.eval.pack_titles if pack_titles is None else pack_titles
     orders = cfg.eval.candidate_orders
     # Each extra order is one more title block behind the same member prefix: decision v * n + i.
@@ -172,15 +153,10 @@ def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | 
     imps = inputs.contract.frame("impressions")
     frame = predictions_frame(examples, probs, imps[imps.split == split])
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(out).with_name(f".{Path(out).name}.tmp")
-        frame.to_parquet(tmp, index=False)
-        tmp.replace(out)
-        if not chosen_pairs:
-            record = predict_made_from(model_dir, data_dir, cfg.cache_dir if inputs.cache is not None else None,
-                                       split, max_pairs, slice_, seed, bf16, orders)
-            # Where the model was, so `mmart eval` can write its headline numbers into the model's card.
-            write_record(out, {**record, "model_dir": str(model_dir.resolve())})
+        record = None if chosen_pairs else predict_made_from(
+            model_dir, data_dir, cfg.cache_dir if inputs.cache is not None else None, split, max_pairs, slice_, seed,
+            bf16, orders)
+        _write_predictions(frame, Path(out), record, model_dir)
     if progress:  # the one summary line of a console run
         from mmart.log import say
 
@@ -188,3 +164,46 @@ def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | 
             f"(up to {pack} titles per member prefix; {orders} candidate order{'s' if orders > 1 else ''}; {prepared}) in {time.perf_counter() - start:.0f}s -> "
             + (str(out) if out else "not written (no --out)"))
     return frame
+
+
+def _saved_config(model_dir: Path):
+    """The prompt and cache settings the model was trained with (its pipeline.yaml)."""
+    import yaml
+
+    from mmart.config import PipelineConfig, from_dict
+    from mmart.errors import UserError
+
+    saved = model_dir / "pipeline.yaml"
+    if not saved.is_file():
+        raise UserError(f"{model_dir} has no pipeline.yaml (the prompt and cache settings the model was trained "
+                        "with; `mmart export` folders do not carry one): pass --config <the training config>")
+    return from_dict(PipelineConfig, yaml.safe_load(saved.read_text()), str(saved))
+
+
+def _examples_to_score(inputs, split: str, pairs: set[tuple[str, str]] | None, slice_: str, max_pairs: int,
+                       seed: int) -> list:
+    """The split's decisions, restricted to ``pairs`` and the slice, then a seeded sample of ``max_pairs``."""
+    from mmart.train.data import subsample
+
+    if slice_ not in ("all", UNIFORM_POLICY):
+        raise ValueError(f"slice must be 'all' or {UNIFORM_POLICY!r}, got {slice_!r}")
+    if slice_ == UNIFORM_POLICY:
+        uniform = uniform_pairs(inputs.contract.frame("impressions"), split)
+        pairs = uniform if pairs is None else pairs & uniform
+    examples = inputs.builder.pair_examples(split)
+    if pairs is not None:
+        examples = [ex for ex in examples if (ex.user_id, ex.title_id) in pairs]
+    return subsample(examples, max_pairs, seed)
+
+
+def _write_predictions(frame: pd.DataFrame, out: Path, record: dict | None, model_dir: Path) -> None:
+    """Parquet, atomically; with its record unless the caller chose the pairs (nothing for train.sh to reuse)."""
+    from mmart.artefacts import write_record
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    frame.to_parquet(tmp, index=False)
+    tmp.replace(out)
+    if record is not None:
+        # Where the model was, so `mmart eval` can write its headline numbers into the model's card.
+        write_record(out, {**record, "model_dir": str(model_dir.resolve())})

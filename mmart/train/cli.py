@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mmart.config_checks import at_least, cli_number
+
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="configs/default.yaml", help="pipeline config YAML (default: configs/default.yaml)")
@@ -72,8 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", required=True, help="Parquet file to write")
     r.add_argument("--config", help="pipeline config (default: the one saved with the model)")
     r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides on --config")
-    r.add_argument("--batch-size", type=int, default=16)
-    r.add_argument("--max-pairs", type=int, default=0, help="score a seeded sample of this many pairs (0 = all)")
+    r.add_argument("--batch-size", type=cli_number(int, at_least, 1), default=16)
+    r.add_argument("--max-pairs", type=cli_number(int, at_least, 0), default=0, help="score a seeded sample of this many pairs (0 = all)")
     r.add_argument("--slice", default="all", choices=["all", "uniform"],
                    help="uniform: only pairs with an impression logged by the uniformly random policy "
                         "(impressions.logging_policy == 'uniform'), the slice whose hit rate is unbiased")

@@ -13,6 +13,12 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="dotted overrides, e.g. --set sft.max_examples=100 model.lora_r=8")
 
 
+def _redo_arg(p: argparse.ArgumentParser, stage: str) -> None:
+    p.add_argument("--redo", action="store_true",
+                   help=f"train from scratch: discard <output_dir>/{stage}/checkpoints, and train even when "
+                        f"<output_dir>/{stage}/model is up to date (without it, an up-to-date model is kept)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     i = sub.add_parser(
         "init", help="save the untrained chooser (zero-shot baseline): LLM + stage-0 aligned projector",
@@ -34,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Checkpoints every sft.save_steps under <output_dir>/sft/checkpoints and resumes from the last one; writes <output_dir>/sft/model (adapter, projector, tokenizer, curves.png)."
         ))
     _config_args(p)
+    _redo_arg(p, "sft")
     p.set_defaults(func=_sft)
 
     d = sub.add_parser(
@@ -46,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ))
     _config_args(d)
     d.add_argument("--sft-model", help="SFT chooser folder (default: <output_dir>/sft/model)")
+    _redo_arg(d, "dpo")
     d.set_defaults(func=_dpo)
 
     e = sub.add_parser(
@@ -101,14 +109,14 @@ def _init(args) -> int:
 def _sft(args) -> int:
     from mmart.train.sft import run_sft
 
-    run_sft(_load(args))
+    run_sft(_load(args), redo=args.redo)
     return 0
 
 
 def _dpo(args) -> int:
     from mmart.train.dpo import run_dpo
 
-    run_dpo(_load(args), sft_model_dir=args.sft_model)
+    run_dpo(_load(args), sft_model_dir=args.sft_model, redo=args.redo)
     return 0
 
 

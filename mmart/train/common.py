@@ -178,6 +178,51 @@ def trainer_config(config_cls: type, section: str, stage_cfg: Any, shared: dict[
     return config_cls(**shared, **own, **stage_cfg.extra)
 
 
+def stage_trainer(cfg: PipelineConfig, section: str) -> tuple[type, dict[str, Any]]:
+    """The trainer config class a stage builds and the keywords it passes beside ``common_args``.
+
+    One place for both, so the up-front check of ``extra`` (``check_trainer_extras``) checks
+    exactly what the stage passes later.
+    """
+    if section == "sft":
+        from trl import SFTConfig
+
+        return SFTConfig, dict(max_length=None, packing=False, dataset_kwargs={"skip_prepare_dataset": True},
+                               weight_decay=cfg.sft.weight_decay)
+    d = cfg.dpo
+    if d.method == "fast":
+        from mmart.train.dpo_fast import FastDPOConfig
+
+        return FastDPOConfig, dict(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+                                   negatives=d.negatives)
+    from trl import DPOConfig
+
+    return DPOConfig, dict(beta=d.beta, loss_type=[d.loss_type], label_smoothing=d.label_smoothing, max_length=None)
+
+
+def check_trainer_extras(cfg: PipelineConfig) -> None:
+    """Refuse a bad ``sft.extra`` or ``dpo.extra`` (or tracker) before a stage writes anything.
+
+    Every training stage (init, sft, dpo) checks both sections: `mmart sft` with a bad
+    ``sft.extra`` refused only after stage 0 had written init/model and the checkpoints'
+    record, and a bad ``dpo.extra`` surfaced only after SFT's hours.
+    """
+    from mmart.train.config import check_extra, trainer_settings
+
+    before = os.environ.get("ACCELERATE_MIXED_PRECISION")  # common_args sets it for the stage it is asked about
+    try:
+        for section in ("sft", "dpo"):
+            stage_cfg = getattr(cfg, section)
+            config_cls, own = stage_trainer(cfg, section)
+            shared = common_args(stage_cfg, Path(cfg.output_dir) / section)
+            check_extra(stage_cfg.extra, config_cls, trainer_settings(section, [*shared, *own]), f"{section}.extra")
+    finally:
+        if before is None:
+            os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+        else:
+            os.environ["ACCELERATE_MIXED_PRECISION"] = before
+
+
 def across_ranks(accelerator, mean: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
     """This rank's ``mean`` over its ``count`` items (decisions, pairs) as its share of the mean over all ranks' items.
 
@@ -386,3 +431,62 @@ def save_curves(log_history: list[dict], path: Path, keys: tuple[str, ...]) -> P
     plt.close(fig)
     (path.with_suffix(".json")).write_text(json.dumps(panels, indent=1))
     return path
+
+
+def up_to_date(stage: str, model_dir: Path, made: dict) -> bool:
+    """Whether ``model_dir`` was made from ``made`` (the check `mmart status` makes); says so in one line if it was.
+
+    A stage run again by hand on an up-to-date model then does nothing: resuming its final
+    checkpoint under another launch trained further and overwrote the finished model.
+    """
+    from mmart.artefacts import stale
+    from mmart.log import say
+
+    if stale(model_dir, made):
+        return False
+    say(f"[mmart {stage}] {model_dir} is up to date (made from this config and these inputs, as `mmart status "
+        f"--stage {stage}` says): nothing to do; pass --redo to train it again from scratch")
+    return True
+
+
+def resume_launch(stage: str, out: Path, made: dict, state, redo: bool = False) -> dict:
+    """This launch (``{"processes": N}``), after refusing (every rank, before anything is written) to resume
+    checkpoints of these inputs trained under another process count: that resume trains another schedule."""
+    from mmart.artefacts import launch_change
+    from mmart.errors import UserError
+
+    checkpoints = out / "checkpoints"
+    launch = {"processes": state.num_processes}
+    change = None if redo else launch_change(checkpoints, made, launch)
+    if change:
+        was = (read_launch(checkpoints) or {}).get("processes")
+        raise UserError(f"{checkpoints} holds a run of this config trained under another launch ({change}); resuming it "
+                        f"would train another schedule (the step count follows the processes). Launch `mmart {stage}` "
+                        f"with {was} process(es) as before (as scripts/train.sh does), or pass --redo to train from "
+                        f"scratch under this launch")
+    return launch
+
+
+def start_checkpoints(stage: str, out: Path, made: dict, state, launch: dict, redo: bool = False) -> None:
+    """Keep ``out/checkpoints`` only when made from ``made`` (``fresh_checkpoints``; ``redo``: discard them),
+    the main process first, and record ``launch`` beside them."""
+    import shutil
+
+    from mmart.artefacts import fresh_checkpoints
+
+    checkpoints = out / "checkpoints"
+    with state.main_process_first():
+        if redo and state.is_main_process and checkpoints.exists():
+            from mmart.log import say
+
+            say(f"[mmart {stage}] --redo: discarding {checkpoints}")
+            shutil.rmtree(checkpoints)
+        fresh_checkpoints(checkpoints, made, launch=launch)  # resume only checkpoints of these very inputs
+
+
+def read_launch(checkpoints: Path) -> dict | None:
+    """The launch recorded beside ``checkpoints`` (None for a record older than that)."""
+    from mmart.artefacts import read_record
+
+    launch = (read_record(checkpoints) or {}).get("launch")
+    return launch if isinstance(launch, dict) else None

@@ -17,25 +17,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from mmart.config import PipelineConfig, to_dict
 from mmart.distributed import distributed_state
 from mmart.examples import PromptEncoder
-from mmart.artefacts import fresh_checkpoints, made_from, write_record
+from mmart.artefacts import made_from, write_model_record
 from mmart.model.chooser import slots_per_artwork
 from mmart.model.packing import collate_rows
 from mmart.model.scoring import score_batch
 from mmart.train.common import (
     ProjectorLRMixin,
     across_ranks,
+    check_trainer_extras,
     common_args,
     freeze_projector_if_zero_lr,
     last_checkpoint,
     load_inputs,
+    resume_launch,
     save_curves,
     say_digest,
+    stage_trainer,
+    start_checkpoints,
     trainer_config,
+    up_to_date,
 )
 from mmart.train.data import cache_rows, decision_rows, oracle_play, subsample
 from mmart.train.init import build_model, ensure_init
@@ -119,16 +124,24 @@ def sft_examples(cfg: PipelineConfig, builder) -> list:
     return logged + builder.unlogged_examples(logged, s.unlogged_titles, s.seed)
 
 
-def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: list | None = None) -> Path:
-    """Train, save the chooser to ``<out>/model`` and the curves to ``<out>/model/curves.png``."""
+def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: list | None = None,
+            redo: bool = False) -> Path:
+    """Train, save the chooser to ``<out>/model`` and the curves to ``<out>/model/curves.png``.
+
+    Does nothing when ``<out>/model`` is up to date (``redo``: train from scratch anyway).
+    """
     out = Path(out_dir or f"{cfg.output_dir}/sft")
     start = time.perf_counter()
+    check_trainer_extras(cfg)  # the whole config, before anything (stage 0 included) is written
+    made = made_from(cfg, "sft")
+    if not redo and up_to_date("sft", out / "model", made):
+        return out / "model"
     state = distributed_state()  # before the Trainer: CPU processes join one gloo group
+    launch = resume_launch("sft", out, made, state, redo)
     inputs = load_inputs(cfg)
     init_dir = ensure_init(cfg, inputs)  # stage 0 once (main process), reused by every rank
-    made = made_from(cfg, "sft")
-    with state.main_process_first():
-        fresh_checkpoints(out / "checkpoints", made)  # resume only checkpoints of these very inputs
+    made = made_from(cfg, "sft")  # stage 0 may have run again: checkpoints of the old projector go
+    start_checkpoints("sft", out, made, state, launch, redo)
     examples = sft_examples(cfg, inputs.builder)
     model, tokenizer = build_model(cfg, inputs.cache, inputs.contract, init_dir)
     teacher = None
@@ -153,8 +166,8 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
         say("[mmart sft] projector frozen (sft.projector_lr = 0): the slots keep their stage-0 word alignment")
     shared = common_args(cfg.sft, out, slots=cfg.prompt.artwork_input == "embeddings", what="sft",
                          evaluate=val is not None)
-    args = trainer_config(SFTConfig, "sft", cfg.sft, shared, max_length=None, packing=False,
-                          dataset_kwargs={"skip_prepare_dataset": True}, weight_decay=cfg.sft.weight_decay)
+    config_cls, own = stage_trainer(cfg, "sft")
+    args = trainer_config(config_cls, "sft", cfg.sft, shared, **own)
     trainer = ArtworkSFTTrainer(model=model, args=args, train_dataset=data, eval_dataset=val, processing_class=tokenizer,
                                 data_collator=DecisionCollator(pad_token_id=tokenizer.pad_token_id),
                                 callbacks=callbacks)
@@ -174,7 +187,7 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
     if trainer.is_world_process_zero():
         save_curves(trainer.state.log_history, model_dir / "curves.png",
                     ("loss", "choice_accuracy", "true_value", "teacher_ce", "learning_rate"))
-        write_record(model_dir, made)
+        write_model_record(model_dir, made, launch)
         write_model_card(model_dir, training_facts(trainer, len(examples), len(data), time.perf_counter() - start))
         say(f"[mmart sft] saved {model_dir} in {time.perf_counter() - start:.0f}s")
     return model_dir

@@ -26,6 +26,10 @@ STAGES = ("init", "sft", "dpo", "predict", "eval")
 NOT_SHAPING = {"logging_steps", "save_steps", "report_to", "eval_steps"}
 # Keys of a record that say where an input was, not what it was: never compared (a moved run stays fresh).
 WHERE = ("model_dir",)
+# Keys about the artefact itself, checked apart from what it was made from: ``output``, a saved model's own
+# fingerprint (``stale`` checks it), and ``launch``, the process count it trained on (only a resume compares it:
+# ``launch_change``).
+OWN = ("output", "launch")
 # Config fields added after records were first written, each with the value that does what every stage did
 # before the field existed: a record without the field still matches while the config keeps that value, so
 # upgrading mmart does not retrain what the new field would not change. Add each new shaping field here.
@@ -179,8 +183,8 @@ def differences(recorded: dict | None, wanted: dict, limit: int = 3) -> list[str
     """Human-readable differences between a record and what is wanted now (empty: the same)."""
     if recorded is None:
         return ["no record of what it was made from"]
-    recorded = {k: v for k, v in recorded.items() if k not in WHERE}
-    wanted = {k: v for k, v in wanted.items() if k not in WHERE}
+    recorded = {k: v for k, v in recorded.items() if k not in WHERE + OWN}
+    wanted = {k: v for k, v in wanted.items() if k not in WHERE + OWN}
     out: list[str] = []
 
     def walk(a: Any, b: Any, where: str) -> None:
@@ -202,14 +206,49 @@ def _short(v: Any) -> str:
 
 
 def stale(artefact: str | Path, wanted: dict) -> list[str]:
-    """Why ``artefact`` cannot be reused for ``wanted`` (empty list: reuse it)."""
+    """Why ``artefact`` cannot be reused for ``wanted`` (empty list: reuse it).
+
+    A model whose record holds its own fingerprint (``write_model_record``) is also stale when
+    its weight files are no longer the ones recorded (rewritten by another run, a copy, an edit).
+    """
     if not Path(artefact).exists():
         return ["missing"]
-    return differences(read_record(artefact), wanted)
+    record = read_record(artefact)
+    why = differences(record, wanted)
+    if not why and record and record.get("output") and model_fingerprint(artefact) != record["output"]:
+        why = [f"its weight files changed after its {RECORD} was written (output fingerprint differs)"]
+    return why
 
 
-def fresh_checkpoints(checkpoints: Path, wanted: dict, say=print) -> None:
-    """Keep ``checkpoints/`` only if it was made from ``wanted``; else discard it (never resume other inputs)."""
+def write_model_record(model_dir: str | Path, wanted: dict, launch: dict | None = None) -> Path:
+    """``write_record`` for a saved model, adding its own fingerprint (``stale`` checks it) and its ``launch``."""
+    record = {**wanted, "output": model_fingerprint(model_dir)}
+    return write_record(model_dir, {**record, "launch": launch} if launch else record)
+
+
+def launch_change(checkpoints: Path, wanted: dict, launch: dict) -> str | None:
+    """How ``launch`` differs from the one ``checkpoints`` of these inputs were trained under, or None.
+
+    Resuming them under another process count trains another schedule (the per-process batch
+    and the step count follow it): a 2-process run's last checkpoint resumed in 1 process went
+    on from step 10 to 19. None when nothing would be resumed (other inputs: discarded) or the
+    record predates the launch being recorded.
+    """
+    record = read_record(checkpoints)
+    if not record or differences(record, wanted) or not any(checkpoints.glob("checkpoint-*")):
+        return None
+    was = record.get("launch")
+    if not isinstance(was, dict) or was == launch:
+        return None
+    return ", ".join(f"{k} {was.get(k)} (checkpoints) vs {launch.get(k)} (now)"
+                     for k in sorted(set(was) | set(launch)) if was.get(k) != launch.get(k))
+
+
+def fresh_checkpoints(checkpoints: Path, wanted: dict, say=print, launch: dict | None = None) -> None:
+    """Keep ``checkpoints/`` only if it was made from ``wanted``; else discard it (never resume other inputs).
+
+    ``launch`` (e.g. ``{"processes": 2}``) is recorded beside, for ``launch_change``.
+    """
     import shutil
 
     if checkpoints.is_dir() and any(checkpoints.iterdir()):
@@ -217,4 +256,4 @@ def fresh_checkpoints(checkpoints: Path, wanted: dict, say=print) -> None:
         if why:
             say(f"[mmart] discarding {checkpoints} (made from other inputs: {'; '.join(why)}); starting over")
             shutil.rmtree(checkpoints)
-    write_record(checkpoints, wanted)
+    write_record(checkpoints, {**wanted, "launch": launch} if launch else wanted)

@@ -8,7 +8,10 @@ mmart.config turns a ``FieldError`` into a one-line ConfigError with the full do
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+from argparse import ArgumentTypeError
+from collections.abc import Callable, Iterator, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 
@@ -80,3 +83,39 @@ def not_empty(obj: Any, *names: str) -> None:
 def seeds(obj: Any, *names: str) -> None:
     """Seeds are >= 0 (numpy, and so transformers' set_seed, refuse negative ones)."""
     at_least(obj, 0, *names)
+
+
+# --- The same checks for command-line numbers. ---
+
+_NAME_FIRST = (within, one_of, length)  # these take the field name before their bounds
+
+
+def cli_number(kind: type, check: Callable[..., None], *bounds: Any) -> Callable[[str], Any]:
+    """An argparse ``type=`` parsing ``kind`` and holding it to a range check of this module.
+
+    A CLI number gets the config's rule and message (``argument --max-pairs: must be >= 0,
+    got -3``) instead of running with a value that only fails, or silently means something
+    else, deep in a stage: ``cli_number(int, at_least, 0)``, ``cli_number(float, positive)``,
+    ``cli_number(int, seeds)``, ``cli_number(float, within, 0, 1)``.
+    """
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise ArgumentTypeError(f"expected a finite number, got {text!r}")
+        holder = SimpleNamespace(value=value)
+        try:
+            if check in _NAME_FIRST:
+                check(holder, "value", *bounds)
+            else:
+                check(holder, *bounds, "value")
+        except FieldError as e:
+            raise ArgumentTypeError(f"must be {e.allowed}, got {value!r}") from None
+        return value
+
+    parse.__name__ = kind.__name__
+    parse.cli_check = (kind, check, bounds)  # type: ignore[attr-defined]  # tests find unchecked numbers by it
+    return parse

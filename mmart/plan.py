@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmart.config_checks import at_least, cli_number, positive
 from mmart.prompt_length import LONGEST, MEMBERS, PromptLengths, measure_prompt_lengths
 
 GIB = 1 << 30
@@ -597,12 +598,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. sft.batch_size=8")
     p.add_argument("--accelerate", default="configs/accelerate/single_gpu.yaml", metavar="CONFIG",
                    help="accelerate config (configs/accelerate/*.yaml); decides the sharding")
-    p.add_argument("--gpus", type=int, default=None, help="ranks (default: the accelerate config's num_processes)")
-    p.add_argument("--gpu-memory", type=float, default=DEFAULT_GPU_GIB, metavar="GIB",
+    p.add_argument("--gpus", type=cli_number(int, at_least, 1), default=None, help="ranks (default: the accelerate config's num_processes)")
+    p.add_argument("--gpu-memory", type=cli_number(float, positive), default=DEFAULT_GPU_GIB, metavar="GIB",
                    help=f"memory per GPU in GiB (default {DEFAULT_GPU_GIB:g})")
-    p.add_argument("--seq-len", type=int, default=None,
+    p.add_argument("--seq-len", type=cli_number(int, at_least, 1), default=None,
                    help="prompt tokens (default: the longest of the decisions rendered with the prompt section)")
-    p.add_argument("--overhead-gib", type=float, default=DEFAULT_OVERHEAD_GIB,
+    p.add_argument("--overhead-gib", type=cli_number(float, at_least, 0), default=DEFAULT_OVERHEAD_GIB,
                    help=f"per-rank overhead beyond the counted terms (default {DEFAULT_OVERHEAD_GIB:g})")
     p.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
     p.set_defaults(func=_run)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,44 @@ def test_eval_refuses_a_negative_bootstrap_count(capsys):
         main(["eval", "--data", "d", "--pred", "m=p.parquet", "--out", "o", "--n-boot", "-1"])
     assert e.value.code == 2
     assert "argument --n-boot: must be >= 1, got -1" in capsys.readouterr().err
+
+
+def _subparsers(parser, path=("mmart",)):
+    """(command words, parser) of every subcommand at any depth (mmart cache verify, ...)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, p in action.choices.items():
+                yield (*path, name), p
+                yield from _subparsers(p, (*path, name))
+
+
+def test_every_number_on_every_command_line_is_range_checked():
+    """A number flag parsed with a bare int/float accepts anything (--max-pairs -3 ran and was recorded)."""
+    unchecked = [f"{' '.join(path)} {'/'.join(a.option_strings)}" for path, p in _subparsers(build_parser())
+                 for a in p._actions if a.type in (int, float)
+                 or (callable(a.type) and getattr(a.type, "__name__", "") in ("int", "float")
+                     and not hasattr(a.type, "cli_check"))]
+    assert unchecked == []
+    checked = [a for _, p in _subparsers(build_parser()) for a in p._actions if hasattr(a.type, "cli_check")]
+    assert len(checked) >= 10
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["predict", "--model", "m", "--data", "d", "--out", "o.parquet", "--max-pairs", "-3"],
+     "argument --max-pairs: must be >= 0, got -3"),
+    (["predict", "--model", "m", "--data", "d", "--out", "o.parquet", "--batch-size", "0"],
+     "argument --batch-size: must be >= 1, got 0"),
+    (["review", "--data", "d", "--out", "o", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    (["plan", "--gpu-memory", "0"], "argument --gpu-memory: must be > 0, got 0.0"),
+    (["plan", "--gpu-memory", "nan"], "argument --gpu-memory: expected a finite number, got 'nan'"),
+    (["cache", "probe", "--seed", "x"], "argument --seed: expected an integer, got 'x'"),
+])
+def test_an_out_of_range_cli_number_is_refused_naming_flag_value_and_range(argv, line, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(line), err
 
 
 def test_a_misspelt_config_is_one_line_with_a_suggestion(tmp_path, monkeypatch, capsys):

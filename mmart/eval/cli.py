@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mmart.config_checks import at_least, cli_number, seeds
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -25,8 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="scored models from `mmart predict`, e.g. model=outputs/default/preds.parquet (several after one --pred, or --pred repeated)")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--split", default="test")
-    p.add_argument("--n-boot", type=_at_least_one, default=1000, help="bootstrap resamples (>= 1; default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--n-boot", type=cli_number(int, at_least, 1), default=1000, help="bootstrap resamples (>= 1; default 1000)")
+    p.add_argument("--seed", type=cli_number(int, seeds), default=0, help="bootstrap seed")
     p.add_argument("--diff", action="append", default=[], metavar="A-B",
                    help="a paired difference to report, e.g. model-sft or model-text (repeatable; names from --pred, "
                         "teacher, production, popularity, random, taste_oracle, oracle); every --pred model minus "
@@ -37,17 +39,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", action="append", default=None, choices=["reward_model", "taste"],
                    help="teacher(s) to show as policies (default: the run config's sft.teacher, else taste)")
     p.set_defaults(func=_run)
-
-
-def _at_least_one(text: str) -> int:
-    """--n-boot: a positive integer (numpy failed on a negative count deep in the bootstrap)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
 
 
 def _run(args: argparse.Namespace) -> int:

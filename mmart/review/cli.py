@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mmart.config_checks import at_least, cli_number, seeds
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -21,18 +23,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preds", help="`mmart predict` Parquet for the same dataset and split (no model is loaded)")
     p.add_argument("--data", required=True, help="dataset folder (the demo world's oracle.parquet adds true values)")
     p.add_argument("--out", required=True, help="folder to write index.html and grids/ into (PNGs already in its grids/ are replaced)")
-    p.add_argument("--members", type=int, default=8, help="how many members to sample (0 = all matching; default 8)")
+    p.add_argument("--members", type=cli_number(int, at_least, 0), default=8, help="how many members to sample (0 = all matching; default 8)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (members, and titles past --titles-per-member)")
+    p.add_argument("--seed", type=cli_number(int, seeds), default=0, help="sampling seed (members, and titles past --titles-per-member)")
     p.add_argument("--only", choices=["wins", "losses"],
                    help="only titles where the model's choice beats (loses to) production's by true play probability "
                         "(needs oracle.parquet: demo world)")
     p.add_argument("--title", metavar="ID", help="only this title_id")
     p.add_argument("--genre", metavar="G", help="only titles of this genre")
     p.add_argument("--member", metavar="ID", help="only this user_id")
-    p.add_argument("--titles-per-member", type=int, default=6, help="rows per grid at most (0 = all; default 6)")
-    p.add_argument("--history", type=int, default=8, help="recent history titles in the strip (default 8)")
-    p.add_argument("--batch-size", type=int, default=16, help="scoring batch size with --model")
+    p.add_argument("--titles-per-member", type=cli_number(int, at_least, 0), default=6, help="rows per grid at most (0 = all; default 6)")
+    p.add_argument("--history", type=cli_number(int, at_least, 0), default=8, help="recent history titles in the strip (default 8)")
+    p.add_argument("--batch-size", type=cli_number(int, at_least, 1), default=16, help="scoring batch size with --model")
     p.set_defaults(func=_review)
 
 

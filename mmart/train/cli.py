@@ -50,11 +50,19 @@ class _SettingsHelp(argparse.HelpFormatter):
         else:
             super().add_text(text)
 
+from mmart.config_checks import at_least, cli_number
+
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"pipeline config YAML (default: {DEFAULT_CONFIG})")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="dotted overrides, e.g. --set sft.max_examples=100 model.lora_r=8")
+
+
+def _redo_arg(p: argparse.ArgumentParser, stage: str) -> None:
+    p.add_argument("--redo", action="store_true",
+                   help=f"train from scratch: discard <output_dir>/{stage}/checkpoints, and train even when "
+                        f"<output_dir>/{stage}/model is up to date (without it, an up-to-date model is kept)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -79,6 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "writes <output_dir>/sft/model (adapter, projector, tokenizer, curves.png)."
         ), epilog=lambda: settings_epilog("sft"), formatter_class=_SettingsHelp)
     _config_args(p)
+    _redo_arg(p, "sft")
     p.set_defaults(func=_sft)
 
     d = sub.add_parser(
@@ -91,6 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ), epilog=lambda: settings_epilog("dpo"), formatter_class=_SettingsHelp)
     _config_args(d)
     d.add_argument("--sft-model", help="SFT chooser folder (default: <output_dir>/sft/model)")
+    _redo_arg(d, "dpo")
     d.set_defaults(func=_dpo)
 
     e = sub.add_parser(
@@ -119,8 +129,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", required=True, help="Parquet file to write")
     r.add_argument("--config", help="pipeline config (default: the one saved with the model)")
     r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides on --config")
-    r.add_argument("--batch-size", type=int, default=16)
-    r.add_argument("--max-pairs", type=int, default=0, help="score a seeded sample of this many pairs (0 = all)")
+    r.add_argument("--batch-size", type=cli_number(int, at_least, 1), default=16)
+    r.add_argument("--max-pairs", type=cli_number(int, at_least, 0), default=0, help="score a seeded sample of this many pairs (0 = all)")
     r.add_argument("--slice", default="all", choices=["all", "uniform"],
                    help="uniform: only pairs with an impression logged by the uniformly random policy "
                         "(impressions.logging_policy == 'uniform'), the slice whose hit rate is unbiased")
@@ -146,14 +156,14 @@ def _init(args) -> int:
 def _sft(args) -> int:
     from mmart.train.sft import run_sft
 
-    run_sft(_load(args))
+    run_sft(_load(args), redo=args.redo)
     return 0
 
 
 def _dpo(args) -> int:
     from mmart.train.dpo import run_dpo
 
-    run_dpo(_load(args), sft_model_dir=args.sft_model)
+    run_dpo(_load(args), sft_model_dir=args.sft_model, redo=args.redo)
     return 0
 
 

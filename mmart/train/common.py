@@ -138,9 +138,6 @@ def common_args(stage_cfg: StageConfig, out_dir: Path, slots: bool = False, what
     """
     on_gpu = torch.cuda.is_available()
     bf16 = use_bf16(stage_cfg.bf16, what)
-    # The stage's choice wins over the launcher's: an accelerate config's `mixed_precision: bf16` reaches
-    # TrainingArguments through this variable, which TrainingArguments only overrides when bf16 is on.
-    os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if bf16 else "no"
     return {
         **stage_cfg.trainer_args(),
         "output_dir": str(out_dir / "checkpoints"),
@@ -162,11 +159,20 @@ def common_args(stage_cfg: StageConfig, out_dir: Path, slots: bool = False, what
     }
 
 
+def pin_mixed_precision(bf16: bool) -> None:
+    """The stage's precision wins over the launcher's: an accelerate config's ``mixed_precision: bf16`` reaches
+    TrainingArguments through ``ACCELERATE_MIXED_PRECISION``, which TrainingArguments only overrides when bf16 is
+    on. Set once per stage process, by the stage, just before its trainer is built."""
+    os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if bf16 else "no"
+
+
 def trainer_config(config_cls: type, section: str, stage_cfg: Any, shared: dict[str, Any], **own: Any):
     """``config_cls(**shared, **own, **stage_cfg.extra)``, after refusing with one line an ``extra`` key that
     is not a field of ``config_cls`` or that mmart sets itself (``mmart.train.config.check_extra``)."""
     check_extra(stage_cfg.extra, config_cls, trainer_settings(section, [*shared, *own]), f"{section}.extra")
     return config_cls(**shared, **own, **stage_cfg.extra)
+
+
 
 
 def across_ranks(accelerator, mean: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-from mmart.artefacts import fresh_checkpoints, made_from, model_fingerprint, stale, write_record
+from mmart.artefacts import made_from, model_fingerprint, stale, write_record
 from mmart.config import PipelineConfig
 from mmart.distributed import distributed_state
 from mmart.errors import UserError
@@ -32,12 +32,14 @@ from mmart.train.common import (
     freeze_projector_if_zero_lr,
     last_checkpoint,
     load_inputs,
+    pin_mixed_precision,
     say_digest,
     trainer_config,
 )
+from mmart.train.resume import resume_launch, start_checkpoints, up_to_date
+from mmart.train.trainers import check_trainer_extras, stage_trainer
 from mmart.train.data import DecisionCollator, cache_rows, decision_rows, oracle_play, subsample
 from mmart.train.dpo_fast import (
-    FastDPOConfig,
     MultimodalDPOTrainer,
     MultipleChoiceDPOTrainer,
     expand_to_pairs,
@@ -122,20 +124,25 @@ def dpo_examples(cfg: PipelineConfig, inputs) -> list:
     return subsample(kept, budget, d.seed, group=b.prefix_key)
 
 
-def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_dir: str | Path | None = None) -> Path:
+def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_dir: str | Path | None = None,
+            redo: bool = False) -> Path:
+    """Train DPO on the SFT model and save ``<out>/model``; nothing when it is up to date (``redo``: anyway)."""
     out = Path(out_dir or f"{cfg.output_dir}/dpo")
     sft_dir = Path(sft_model_dir or f"{cfg.output_dir}/sft/model")
     if cfg.dpo.method == "trl" and cfg.prompt.answer != "letter":
         raise UserError("dpo.method=trl scores completions with TRL's DPOTrainer, which needs prompt.answer=letter; "
                         "per_candidate answers train with dpo.method=fast")
+    check_trainer_extras(cfg)  # the whole config, before anything (the merged SFT model included) is written
     read_spec(sft_dir)  # a clear error when SFT has not run
+    made = made_from(cfg, "dpo", model_dir=sft_dir)
+    if not redo and up_to_date("dpo", out / "model", made):
+        return out / "model"
     start = time.perf_counter()
     state = distributed_state()
+    launch = resume_launch("dpo", out, made, state, redo)
     with state.main_process_first():  # one process merges; the others then read it
         base = merged_sft(sft_dir).resolve() if state.is_main_process else (sft_dir.parent / "merged").resolve()
-    made = made_from(cfg, "dpo", model_dir=sft_dir)
-    with state.main_process_first():
-        fresh_checkpoints(out / "checkpoints", made)  # resume only checkpoints of these very inputs
+    start_checkpoints("dpo", out, made, state, launch, redo)
     inputs = load_inputs(cfg)
     model, tokenizer, _ = load_chooser(base, dtype=cfg.model.dtype, device=device())
     torch.manual_seed(cfg.model.seed)
@@ -156,18 +163,15 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
     if freeze_projector_if_zero_lr(model, d.projector_lr):
         say("[mmart dpo] projector frozen (dpo.projector_lr = 0)")
     shared = common_args(d, out, slots=cfg.prompt.artwork_input == "embeddings", what="dpo", evaluate=val is not None)
+    pin_mixed_precision(shared["bf16"])
+    config_cls, own = stage_trainer(cfg, "dpo")
+    args = trainer_config(config_cls, "dpo", d, shared, **own)
     if d.method == "fast":
-        args = trainer_config(FastDPOConfig, "dpo", d, shared, beta=d.beta, loss_type=d.loss_type,
-                              label_smoothing=d.label_smoothing, negatives=d.negatives)
         trainer = FastTrainer(model=model, args=args, train_dataset=rows, eval_dataset=val,
                               data_collator=DecisionCollator(pad_token_id=tokenizer.pad_token_id))
         trainer.readout = inputs.builder.readout
     else:
-        from trl import DPOConfig
-
         pairs = Dataset.from_list(list(expand_to_pairs(rows.to_list())))
-        args = trainer_config(DPOConfig, "dpo", d, shared, beta=d.beta, loss_type=[d.loss_type],
-                              label_smoothing=d.label_smoothing, max_length=None)
         trainer = TRLTrainer(model, args=args, train_dataset=pairs, processing_class=tokenizer)
     trainer.projector_lr = d.projector_lr
     resume = last_checkpoint(out)
@@ -182,4 +186,4 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
     # The DPO adapter stacked on the SFT one, on the SFT model's own base: the folder stands alone.
     return save_stage_model(trainer, tokenizer, cfg, "dpo", out / "model", made,
                             ("loss", "rewards/margins", "rewards/accuracies", "true_value", "learning_rate"),
-                            len(examples), len(rows), start, stacked_on=sft_dir)
+                            len(examples), len(rows), start, stacked_on=sft_dir, launch=launch)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from mmart.artefacts import write_record
+from mmart.artefacts import write_model_record
 from mmart.config import PipelineConfig, to_dict
 from mmart.log import say
 from mmart.model.card import write_model_card
@@ -22,9 +22,10 @@ def pipeline_yaml(cfg: PipelineConfig) -> str:
 
 def save_stage_model(trainer, tokenizer, cfg: PipelineConfig, stage: str, model_dir: Path, made: dict,
                      curves: tuple[str, ...], decisions: int, rows: int, start: float,
-                     stacked_on: str | Path | None = None) -> Path:
+                     stacked_on: str | Path | None = None, launch: dict | None = None) -> Path:
     """Save the trained chooser into ``model_dir`` with ``pipeline.yaml`` (every rank: the gathers are collective),
-    then, on the main process, ``curves.png`` (the logged ``curves``), the record ``made`` and the model card.
+    then, on the main process, ``curves.png`` (the logged ``curves``), the record ``made`` (with the model's own
+    fingerprint and the ``launch`` it trained under) and the model card.
 
     ``decisions``/``rows``: what the stage trained on; ``start``: its ``time.perf_counter()`` at the beginning;
     ``stacked_on``: as ``save_trained_chooser`` (DPO's SFT folder).
@@ -33,7 +34,7 @@ def save_stage_model(trainer, tokenizer, cfg: PipelineConfig, stage: str, model_
                                      files={"pipeline.yaml": pipeline_yaml(cfg)})
     if trainer.is_world_process_zero():
         save_curves(trainer.state.log_history, model_dir / "curves.png", curves)
-        write_record(model_dir, made)
+        write_model_record(model_dir, made, launch)
         write_model_card(model_dir, training_facts(trainer, decisions, rows, time.perf_counter() - start))
         say(f"[mmart {stage}] saved {model_dir} in {time.perf_counter() - start:.0f}s")
     return model_dir

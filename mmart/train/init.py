@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mmart.artefacts import made_from, stale, write_record
+from mmart.artefacts import made_from, stale, write_model_record
 from mmart.config import PipelineConfig, to_dict
 from mmart.model.checkpoint import PROJECTOR_FILE, add_lora, build_chooser, lora_config, resolve_base_model, save_chooser
 from mmart.log import say
@@ -67,12 +67,14 @@ def run_init(cfg: PipelineConfig, inputs=None) -> Path:
     import yaml
 
     from mmart.train.common import load_inputs
+    from mmart.train.trainers import check_trainer_extras
 
+    check_trainer_extras(cfg)  # the whole config (sft.extra, dpo.extra too), before anything is written
     inputs = inputs or load_inputs(cfg)
     model, tokenizer = build_model(cfg, inputs.cache, inputs.contract)
     out = save_chooser(model, tokenizer, Path(cfg.output_dir) / "init" / "model")
     (out / "pipeline.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    write_record(out, made_from(cfg, "init"))
+    write_model_record(out, made_from(cfg, "init"))
     write_model_card(out)
     say(f"[mmart init] saved {out}")
     return out

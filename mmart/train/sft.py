@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 import torch
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from mmart.config import PipelineConfig
 from mmart.distributed import distributed_state
 from mmart.examples import PromptEncoder
-from mmart.artefacts import fresh_checkpoints, made_from
+from mmart.artefacts import made_from
 from mmart.model.chooser import slots_per_artwork
 from mmart.model.scoring import score_batch
 from mmart.train.common import (
@@ -31,9 +31,12 @@ from mmart.train.common import (
     freeze_projector_if_zero_lr,
     last_checkpoint,
     load_inputs,
+    pin_mixed_precision,
     say_digest,
     trainer_config,
 )
+from mmart.train.resume import resume_launch, start_checkpoints, up_to_date
+from mmart.train.trainers import check_trainer_extras, stage_trainer
 from mmart.train.data import DecisionCollator, cache_rows, decision_rows, oracle_play, subsample
 from mmart.train.init import build_model, ensure_init
 from mmart.log import say
@@ -105,16 +108,24 @@ def sft_examples(cfg: PipelineConfig, builder) -> list:
     return logged + builder.unlogged_examples(logged, s.unlogged_titles, s.seed)
 
 
-def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: list | None = None) -> Path:
-    """Train, save the chooser to ``<out>/model`` and the curves to ``<out>/model/curves.png``."""
+def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: list | None = None,
+            redo: bool = False) -> Path:
+    """Train, save the chooser to ``<out>/model`` and the curves to ``<out>/model/curves.png``.
+
+    Does nothing when ``<out>/model`` is up to date (``redo``: train from scratch anyway).
+    """
     out = Path(out_dir or f"{cfg.output_dir}/sft")
     start = time.perf_counter()
+    check_trainer_extras(cfg)  # the whole config, before anything (stage 0 included) is written
+    made = made_from(cfg, "sft")
+    if not redo and up_to_date("sft", out / "model", made):
+        return out / "model"
     state = distributed_state()  # before the Trainer: CPU processes join one gloo group
+    launch = resume_launch("sft", out, made, state, redo)
     inputs = load_inputs(cfg)
     init_dir = ensure_init(cfg, inputs)  # stage 0 once (main process), reused by every rank
-    made = made_from(cfg, "sft")
-    with state.main_process_first():
-        fresh_checkpoints(out / "checkpoints", made)  # resume only checkpoints of these very inputs
+    made = made_from(cfg, "sft")  # stage 0 may have run again: checkpoints of the old projector go
+    start_checkpoints("sft", out, made, state, launch, redo)
     examples = sft_examples(cfg, inputs.builder)
     model, tokenizer = build_model(cfg, inputs.cache, inputs.contract, init_dir)
     teacher = None
@@ -139,8 +150,9 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
         say("[mmart sft] projector frozen (sft.projector_lr = 0): the slots keep their stage-0 word alignment")
     shared = common_args(cfg.sft, out, slots=cfg.prompt.artwork_input == "embeddings", what="sft",
                          evaluate=val is not None)
-    args = trainer_config(SFTConfig, "sft", cfg.sft, shared, max_length=None, packing=False,
-                          dataset_kwargs={"skip_prepare_dataset": True})
+    pin_mixed_precision(shared["bf16"])
+    config_cls, own = stage_trainer(cfg, "sft")
+    args = trainer_config(config_cls, "sft", cfg.sft, shared, **own)
     trainer = ArtworkSFTTrainer(model=model, args=args, train_dataset=data, eval_dataset=val, processing_class=tokenizer,
                                 data_collator=DecisionCollator(pad_token_id=tokenizer.pad_token_id),
                                 callbacks=callbacks)
@@ -158,4 +170,4 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
     say_digest(trainer.model, "sft")
     return save_stage_model(trainer, tokenizer, cfg, "sft", out / "model", made,
                             ("loss", "choice_accuracy", "true_value", "teacher_ce", "learning_rate"),
-                            len(examples), len(data), start)
+                            len(examples), len(data), start, launch=launch)

@@ -14,6 +14,8 @@ import os
 import sys
 from typing import Any
 
+from mmart.config_checks import at_least, cli_number, seeds
+
 
 def _config_args(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--config", default=None, help="pipeline config YAML (default: built-in defaults)")
@@ -43,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--if-stale", action="store_true",
                    help="keep the checkpoint when it was adapted on this very catalog (artworks table and image bytes) "
                         "with these settings (its safetensors metadata records both); adapt again otherwise")
-    a.add_argument("--num-workers", type=int, default=2, help="DataLoader workers decoding images")
+    a.add_argument("--num-workers", type=cli_number(int, at_least, 0), default=2, help="DataLoader workers decoding images")
     a.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     a.set_defaults(func=_adapt)
 
@@ -96,7 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dir", nargs="?", default=None, help="cache folder (default: from the config)")
     _config_args(p)
     p.add_argument("--families", nargs="+", default=["theme", "shot"], help="tag families to probe (tag = family:value)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the 70/30 split")
+    p.add_argument("--seed", type=cli_number(int, seeds), default=0, help="seed of the 70/30 split")
     p.add_argument("--strict", action="store_true", help="exit 1 when a probed family misses its bar")
     p.set_defaults(func=_probe)
 

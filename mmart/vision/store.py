@@ -235,6 +235,35 @@ def _listed(lines: list[str], n: int = 5) -> str:
     return "; ".join(lines[:n]) + more
 
 
+def _shard_disagrees(manifest: dict[str, Any], shard: dict[str, Any], emb: torch.Tensor) -> str | None:
+    """What in one read shard disagrees with the manifest (its [T, D], dtype, its listed row count), or None."""
+    dtype = str(emb.dtype).removeprefix("torch.")
+    if list(emb.shape[1:]) != manifest["shape"][1:] or dtype != manifest["dtype"]:
+        return (f"{shard['file']}: shape {list(emb.shape)} / {dtype} differ from the manifest's "
+                f"[N, {', '.join(map(str, manifest['shape'][1:]))}] / {manifest['dtype']}")
+    if "rows" in shard and shard["rows"] != emb.shape[0]:
+        return f"{shard['file']}: {emb.shape[0]} rows, the manifest lists {shard['rows']!r}"
+    return None
+
+
+def _rows_disagree(manifest: dict[str, Any], ids: list[str], shas: list[str]) -> str | None:
+    """What in the shards' rows (their ids and image sha256, in shard order) disagrees with the manifest, or None.
+
+    ``cache verify`` and :meth:`ArtworkCache.load` both ask this, so a manifest one refuses the other refuses too.
+    """
+    if len(ids) != manifest["shape"][0] or len(ids) != len(manifest["artwork_ids"]):
+        return (f"{len(ids)} rows in shards, the manifest says {manifest['shape'][0]} (shape) and lists "
+                f"{len(manifest['artwork_ids'])} artwork ids")
+    if ids != manifest["artwork_ids"]:  # a row is only the vector of the id its shard recorded
+        row = next(i for i, (a, b) in enumerate(zip(manifest["artwork_ids"], ids)) if a != b)
+        return (f"its artwork id order differs from the shards' own ids (row {row}: manifest "
+                f"{manifest['artwork_ids'][row]!r}, shard {ids[row]!r}), so vectors would be mismapped")
+    if shas != manifest["image_sha256"]:
+        row = next(i for i, (a, b) in enumerate(zip(manifest["image_sha256"], shas)) if a != b)
+        return f"the shards' image sha256 differ from the manifest's (row {row}, artwork {ids[row]!r})"
+    return None
+
+
 def verify_cache(cache_dir: str | Path, data_dir: str | Path | None = None) -> list[str]:
     """Every problem of a built cache (missing or altered shard, shape or id mismatch); empty = sound.
 
@@ -260,14 +289,11 @@ def verify_cache(cache_dir: str | Path, data_dir: str | Path | None = None) -> l
             continue
         ids += meta["artwork_ids"]
         shas += meta["image_sha256"]
-        if list(emb.shape[1:]) != manifest["shape"][1:] or str(emb.dtype).removeprefix("torch.") != manifest["dtype"]:
-            problems.append(f"{shard['file']}: shape {list(emb.shape)} / {emb.dtype} differ from the manifest")
-    if not problems and ids != manifest["artwork_ids"]:
-        problems.append("the shards' artwork ids differ from the manifest's row order")
-    if not problems and shas != manifest["image_sha256"]:
-        problems.append("the shards' image sha256 differ from the manifest's")
-    if not problems and len(ids) != manifest["shape"][0]:
-        problems.append(f"{len(ids)} rows in shards, manifest says {manifest['shape'][0]}")
+        problem = _shard_disagrees(manifest, shard, emb)
+        if problem:
+            problems.append(problem)
+    if not problems:
+        problems += [p for p in [_rows_disagree(manifest, ids, shas)] if p]
     if not problems and data_dir is not None:
         changed = changed_images(data_dir, ids, shas)
         problems += [f"{line}; run `mmart cache build` to re-encode it" for line in changed[:MAX_LISTED]]
@@ -340,19 +366,20 @@ class ArtworkCache:
                 meta, emb = read_shard(path, data)
             except ValueError as e:
                 raise CacheError(f"{path}: {e}") from e
+            problem = _shard_disagrees(manifest, shard, emb)
+            if problem:
+                raise CacheError(f"{cache_dir}: {problem}; run `mmart cache build` on this folder to rewrite the "
+                                 "manifest from the shards")
             parts.append(emb)
             shard_ids += meta["artwork_ids"]
             shard_shas += meta["image_sha256"]
         dim_shape = manifest["shape"][1:]
         emb = torch.cat(parts) if parts else torch.empty(0, *dim_shape, dtype=DTYPES[manifest["dtype"]])
         ids = manifest["artwork_ids"]
-        if emb.shape[0] != len(ids):
-            raise CacheError(f"{cache_dir}: {emb.shape[0]} rows in shards but {len(ids)} ids in {MANIFEST}; rebuild it")
-        if shard_ids != ids:  # a row is only the vector of the id its shard recorded
-            row = next(i for i, (a, b) in enumerate(zip(ids, shard_ids)) if a != b)
-            raise CacheError(f"{cache_dir / MANIFEST}: its artwork id order differs from the shards' own ids (row {row}: "
-                             f"manifest {ids[row]!r}, shard {shard_ids[row]!r}), so vectors would be mismapped; run "
-                             "`mmart cache build` on this folder to rewrite the manifest from the shards")
+        problem = _rows_disagree(manifest, shard_ids, shard_shas)
+        if problem:
+            raise CacheError(f"{cache_dir / MANIFEST}: {problem}; run `mmart cache build` on this folder to rewrite "
+                             "the manifest from the shards")
         dataset = manifest_dataset(manifest, data_dir) if check_images else None
         if dataset is not None:
             changed = changed_images(dataset, ids, shard_shas, manifest["image_stat"])

@@ -59,3 +59,24 @@ def test_a_key_that_is_no_field_suggests_the_nearest(tmp_path):
         check_extra({"learnig_rate": 1.0}, SFTConfig, sets, "sft.extra")
     with pytest.raises(ConfigError, match=r"extra\.beta: not a field of SFTConfig"):
         check_extra({"beta": 0.1}, SFTConfig, sets)
+
+
+@pytest.mark.parametrize("stage, bad", [("sft", "sft.extra={seed: 3}"), ("init", "dpo.extra={beta: 0.3}")])
+def test_a_refused_extra_writes_nothing(cfg, tmp_path, capsys, stage, bad):
+    """Issue 26.7: `mmart sft --set sft.extra={seed: 3}` refused only after stage 0 had written init/model and
+    sft/checkpoints/made_from.json. The whole config (both stages' extra) is checked before any stage writes."""
+    import yaml
+
+    from mmart.cli import main
+    from mmart.config import to_dict
+
+    from _runs import with_out  # noqa: E402 - tests/train/_runs.py
+
+    out = tmp_path / "run"
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(to_dict(with_out(cfg, out))))
+    capsys.readouterr()
+    assert main([stage, "--config", str(config), "--set", bad]) == 1
+    err = capsys.readouterr().err.strip()
+    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
+    assert err.count("\n") == 0 and err.startswith(f"mmart {stage}: error: {bad.split('=')[0]}."), err

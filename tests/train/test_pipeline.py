@@ -182,6 +182,19 @@ def test_two_processes_agree_on_the_final_weights(cfg, tmp_path, home):
     assert len(stage_lines) > 5 and len(stage_lines) == len(set(stage_lines)), stage_lines  # each said once
     assert "(same on all 2 ranks)" in digests_line(run.stdout)
 
+    # Issue 26.5: run by hand in one process afterwards, SFT leaves the finished model alone; without the model
+    # it refuses to resume the 2-process checkpoints (their schedule would change) instead of training on.
+    from mmart.artefacts import read_record
+    from mmart.errors import UserError
+    from mmart.train.sft import run_sft
+
+    model = tmp_path / "sft" / "model"
+    assert read_record(model)["launch"] == {"processes": 2}
+    assert run_sft(c) == model and read_record(model)["launch"] == {"processes": 2}
+    model.rename(tmp_path / "sft" / "model-old")
+    with pytest.raises(UserError, match=r"processes 2 \(checkpoints\) vs 1 \(now\).*with 2 process\(es\)"):
+        run_sft(c)
+
 
 def digests_line(text: str) -> str:
     return next(line for line in text.splitlines() if "trainable weights sha256" in line)

@@ -37,15 +37,18 @@ def test_a_config_value_wins_over_the_machine(cpu_with, native):
 
 def test_the_stage_choice_reaches_the_trainer_and_overrides_the_launcher(cpu_with, tmp_path, monkeypatch):
     """An accelerate config's mixed_precision reaches TrainingArguments through ACCELERATE_MIXED_PRECISION;
-    the stage's own choice must win, or fp32 on a CPU without bf16 would be silently turned back into bf16."""
+    the stage's own choice must win, or fp32 on a CPU without bf16 would be silently turned back into bf16.
+    Building the arguments changes no environment; the stage pins the variable itself, once."""
+    import os
+
     from mmart.train.config import SFTStageConfig
 
     cpu_with(False, False)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     shared = common.common_args(SFTStageConfig(bf16="auto"), tmp_path)
     assert shared["bf16"] is False
-    import os
-
+    assert os.environ["ACCELERATE_MIXED_PRECISION"] == "bf16"  # no side effect of building arguments
+    common.pin_mixed_precision(shared["bf16"])
     assert os.environ["ACCELERATE_MIXED_PRECISION"] == "no"
 
 

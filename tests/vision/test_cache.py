@@ -134,3 +134,24 @@ def test_a_live_concurrent_builds_temp_file_is_left_alone(tiny_world, tmp_path, 
     finally:
         live.kill()
         live.wait()
+
+
+@pytest.mark.parametrize("edit", ["shape", "shard_rows", "dtype"])
+def test_load_refuses_a_manifest_that_verify_refuses(tiny_world, tmp_path, tower, vision_cfg, cache_cfg, edit):
+    """A manifest whose row count, a shard's listed rows or dtype disagree with the shards' headers: both refuse."""
+    build_cache(tiny_world, tmp_path / "c", vision_cfg, cache_cfg, tower=tower, progress=False)
+    path = tmp_path / "c" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    if edit == "shape":
+        manifest["shape"][0] += 1  # one row more than the shards hold
+    elif edit == "shard_rows":
+        manifest["shards"][2]["rows"] += 1
+    else:
+        manifest["dtype"] = "float16"
+    path.write_text(json.dumps(manifest))
+    problems = verify_cache(tmp_path / "c")
+    assert len(problems) >= 1
+    with pytest.raises(CacheError, match={"shape": "72 rows in shards, the manifest says 73",
+                                          "shard_rows": "shard-00002.safetensors: 16 rows, the manifest lists 17",
+                                          "dtype": r"float32 differ from the manifest's \[N, 1, 128\] / float16"}[edit]):
+        ArtworkCache.load(tmp_path / "c")

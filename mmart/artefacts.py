@@ -30,11 +30,17 @@ WHERE = ("model_dir",)
 # fingerprint (``stale`` checks it), and ``launch``, the process count it trained on (only a resume compares it:
 # ``launch_change``).
 OWN = ("output", "launch")
-# Config fields added after records were first written, each with the value that does what every stage did
-# before the field existed: a record without the field still matches while the config keeps that value, so
-# upgrading mmart does not retrain what the new field would not change. Add each new shaping field here.
-ADDED_LATER: dict[str, Any] = {"prompt.history_genres": 0, "dpo.negatives": "all", "prompt.candidate_context": "title",
-                               "prompt.history_summary_margins": "numbers"}
+# The record format, written into every record. Bump it when a shaping config field is added, and list the field
+# under the new format with the value that does what every stage did before it existed: a record of an older
+# format lacks the field and still matches while the config keeps that value, so upgrading mmart does not retrain
+# what the new field would not change. A record of the current format that lacks a field differs for real.
+RECORD_FORMAT = 2
+FIELDS_ADDED: dict[int, dict[str, Any]] = {
+    2: {"prompt.history_genres": 0, "dpo.negatives": "all", "prompt.candidate_context": "title",
+        "prompt.history_summary_margins": "numbers"},
+}
+# Keys about the record itself: never compared.
+META = ("format",)
 
 
 def sha256_files(paths: Iterable[Path]) -> str:
@@ -167,7 +173,7 @@ def write_record(artefact: str | Path, record: dict) -> Path:
     path = record_path(artefact)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps({**record, "format": RECORD_FORMAT}, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return path
 
@@ -179,12 +185,18 @@ def read_record(artefact: str | Path) -> dict | None:
         return None
 
 
+def fields_added_since(record_format: int) -> dict[str, Any]:
+    """Config fields a record of ``record_format`` predates, each with the value that keeps its old behaviour."""
+    return {k: v for fmt, added in sorted(FIELDS_ADDED.items()) if fmt > record_format for k, v in added.items()}
+
+
 def differences(recorded: dict | None, wanted: dict, limit: int = 3) -> list[str]:
     """Human-readable differences between a record and what is wanted now (empty: the same)."""
     if recorded is None:
         return ["no record of what it was made from"]
-    recorded = {k: v for k, v in recorded.items() if k not in WHERE + OWN}
-    wanted = {k: v for k, v in wanted.items() if k not in WHERE + OWN}
+    added_since = fields_added_since(recorded.get("format", 1))
+    recorded = {k: v for k, v in recorded.items() if k not in WHERE + OWN + META}
+    wanted = {k: v for k, v in wanted.items() if k not in WHERE + OWN + META}
     out: list[str] = []
 
     def walk(a: Any, b: Any, where: str) -> None:
@@ -192,7 +204,7 @@ def differences(recorded: dict | None, wanted: dict, limit: int = 3) -> list[str
             for k in sorted(set(a) | set(b), key=str):
                 walk(a.get(k), b.get(k), f"{where}.{k}" if where else str(k))
         elif a != b and not (a is None and where.startswith("config.")
-                             and ADDED_LATER.get(where.split(".", 1)[1], a) == b):
+                             and added_since.get(where.split(".", 1)[1], a) == b):
             what = "changed" if where.startswith("inputs") else f"{_short(a)} -> {_short(b)}"
             out.append(f"{where}: {what}")
 

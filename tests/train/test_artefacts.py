@@ -220,10 +220,11 @@ def test_predict_on_an_exported_folder_asks_for_the_training_config(run, tmp_pat
 
 
 def test_a_record_older_than_a_new_field_still_matches_while_the_field_keeps_its_old_behaviour():
-    """Upgrading mmart retrains nothing a newly added field leaves unchanged (ADDED_LATER), and only that."""
-    from mmart.artefacts import differences
+    """Upgrading mmart retrains nothing a newly added field leaves unchanged (the record's format says which fields
+    it predates), and only that; a record of the current format that lacks a field differs for real."""
+    from mmart.artefacts import RECORD_FORMAT, differences
 
-    old = {"stage": "dpo", "config": {"prompt": {"max_history": 6}, "dpo": {"lr": 1e-4}}}
+    old = {"stage": "dpo", "config": {"prompt": {"max_history": 6}, "dpo": {"lr": 1e-4}}}  # format 1: no "format"
     now = {"stage": "dpo", "config": {"prompt": {"max_history": 6, "history_genres": 0},
                                       "dpo": {"lr": 1e-4, "negatives": "all"}}}
     assert differences(old, now) == []
@@ -232,6 +233,18 @@ def test_a_record_older_than_a_new_field_still_matches_while_the_field_keeps_its
     now["config"]["dpo"]["negatives"] = "all"
     now["config"]["prompt"]["unheard_of"] = 0  # a field not declared as added later still counts
     assert differences(old, now) == ["config.prompt.unheard_of: null -> 0"]
+    del now["config"]["prompt"]["unheard_of"]
+    current = {**old, "format": RECORD_FORMAT}  # written today without the field: not an old record
+    assert differences(current, now) == ["config.dpo.negatives: null -> all", "config.prompt.history_genres: null -> 0"]
+
+
+def test_every_record_is_written_with_the_current_format(tmp_path):
+    from mmart.artefacts import RECORD_FORMAT, differences, read_record, write_record
+
+    wanted = {"stage": "eval", "config": {"eval": {"max_pairs": 3}}}
+    write_record(tmp_path / "eval", wanted)
+    record = read_record(tmp_path / "eval")
+    assert record["format"] == RECORD_FORMAT and differences(record, wanted) == []
 
 
 def test_scoring_under_several_candidate_orders_averages_each_candidates_probability_over_them(run):

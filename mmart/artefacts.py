@@ -34,10 +34,11 @@ OWN = ("output", "launch")
 # under the new format with the value that does what every stage did before it existed: a record of an older
 # format lacks the field and still matches while the config keeps that value, so upgrading mmart does not retrain
 # what the new field would not change. A record of the current format that lacks a field differs for real.
-RECORD_FORMAT = 2
+RECORD_FORMAT = 3
 FIELDS_ADDED: dict[int, dict[str, Any]] = {
     2: {"prompt.history_genres": 0, "dpo.negatives": "all", "prompt.candidate_context": "title",
         "prompt.history_summary_margins": "numbers"},
+    3: {"sft.reasoning": "none", "sft.reasoning_weight": 0.5},
 }
 # Keys about the record itself: never compared.
 META = ("format",)
@@ -135,6 +136,9 @@ def made_from(cfg: Any, stage: str, model_dir: str | Path | None = None, preds: 
         config["sft"] = _section(cfg, "sft")
         if embeddings and cfg.model.projector_init != "random":
             inputs["init"] = model_fingerprint(out / "init" / "model")  # SFT starts from init's projector
+        if cfg.sft.reasoning != "none":  # it trains on the rationales too: another table, another model
+            table = out / "rationales" / "rationales.parquet"
+            inputs["rationales"] = sha256_files([table])[:16] if table.is_file() else None
     if stage == "dpo":
         config["dpo"] = _section(cfg, "dpo")
         inputs["sft"] = model_fingerprint(model_dir or out / "sft" / "model")

@@ -30,6 +30,7 @@ from mmart.model.readout import LETTERS, Art, Piece, Read, ReadAll, Readout, Tex
 
 SYSTEM_PROMPT = "Pick the artwork this streaming member is most likely to play."
 _SPLIT = "\x00mmart-user-message\x00"  # stands for the user message when the chat template is split
+RATIONALE_CUE = "\nWhy:"  # between a rationale block's title block and its rationale (sft.reasoning: auxiliary)
 
 
 @dataclass
@@ -388,6 +389,10 @@ class Decision:
     prefix: Segment
     blocks: list[Segment]
     read_ids: list[int]  # [K] token read for each candidate
+    # ``sft.reasoning: auxiliary``: a block of its own (the title block, a cue, the rationale) whose last
+    # ``rationale_tokens`` tokens are trained as text; never scored.
+    rationale: Segment | None = None
+    rationale_tokens: int = 0
 
     @property
     def block(self) -> Segment:
@@ -473,6 +478,25 @@ class PromptEncoder:
         if k not in self.read_ids_of:
             self.read_ids_of[k] = self.builder.readout.read_token_ids(self.tokenizer, k)
         return Decision(ex, key, prefix, blocks, self.read_ids_of[k])
+
+    def with_rationale(self, d: Decision, rationale: str) -> Decision:
+        """``d`` with its rationale block: the title block as the decision's prompt renders it (all candidates in
+        one block, also under ``candidate_context: own``), the cue ``RATIONALE_CUE``, then ``rationale``'s tokens,
+        the only ones trained (``Decision.rationale_tokens``)."""
+        from dataclasses import replace
+
+        if len(d.blocks) == 1:
+            title = d.blocks[0]
+        else:
+            tail = self.chat_tail if self.builder.readout.ends_at_answer else ""
+            pieces = self.builder.readout.block_pieces(self.builder.title_line(d.example), d.example.candidates, tail)
+            title = self.encode_pieces(pieces, len(d.example.candidates))
+        cue, text = self._ids(RATIONALE_CUE), self._ids(" " + " ".join(rationale.split()))
+        if self.embeddings and self.slot_id in text:
+            raise UserError(f"the rationale of decision {d.example.example_id} contains the slot token "
+                            f"{self.slot_token!r}; write the rationales again without it")
+        block = Segment(list(title.ids) + cue + text, list(title.artworks))
+        return replace(d, rationale=block, rationale_tokens=len(text))
 
     def text(self, ex: Example) -> str:
         """The decision's prompt as text (slots shown as the slot token): for reading and tests."""

@@ -93,6 +93,13 @@ else kept init "$OUT/init/model"; fi
 
 # 5. SFT: every logged decision of sampled members, packed behind one read of each member's history,
 #    towards the played artwork and the teacher's choice; LoRA. The longest stage on a CPU.
+#    sft.reasoning other than none also trains on a rationale per decision: the rationales table
+#    first (seconds with the taste teacher; kept as it is when its record matches), before SFT's own
+#    freshness is asked (SFT's record holds the table's fingerprint).
+if [ "$(get sft.reasoning)" != none ]; then
+  stage "rationales -> $OUT/rationales"
+  mmart rationales --config "$CONFIG"
+fi
 if todo sft; then
   stage "sft -> $OUT/sft/model"
   train sft --config "$CONFIG"

@@ -26,6 +26,7 @@ from mmart.errors import UserError
 from mmart.model.batching import pad_2d, pad_3d
 
 PAD_SEGMENT = -1  # segment id of padding; 0 = the member prefix; j = title block j (1-based)
+IGNORE = -100  # label of a token no loss is taken on (``rationale_labels``)
 
 # Per-decision list fields of a row and their padding in ``collate_rows``.
 DECISION_FIELDS = {"score_positions": 0, "answer_ids": -1}
@@ -39,10 +40,17 @@ def pack_decisions(decisions: Sequence[Any], max_titles: int, rows_of: Callable[
     ``fields``: per-decision values (aligned with ``decisions``) copied into each row as lists
     ``[D]`` under their names (labels, teacher targets, weights). Rows keep the decisions' order
     of first appearance; ``decision_index`` records where each came from.
+
+    Decisions with a rationale block (``Decision.rationale``, ``sft.reasoning: auxiliary``) add it after
+    the row's title blocks, a block like them (it sees the prefix and itself), and every row then
+    carries ``rationale_labels`` (the token id on a rationale's own tokens, ``IGNORE`` elsewhere) and
+    ``rationale_owner`` (the decision, 0-based in the row, each labelled token belongs to; -1 elsewhere).
+    The title blocks keep their tokens and positions: a row's scores are those of the row without them.
     """
     if max_titles < 1:
         raise ValueError(f"max_titles must be >= 1, got {max_titles}")
     fields = fields or {}
+    reasoning = any(getattr(d, "rationale", None) is not None for d in decisions)
     groups: dict[Any, list[int]] = {}
     for i, d in enumerate(decisions):
         groups.setdefault(d.prefix_key, []).append(i)
@@ -50,11 +58,12 @@ def pack_decisions(decisions: Sequence[Any], max_titles: int, rows_of: Callable[
     for members in groups.values():
         for s in range(0, len(members), max_titles):
             rows.append(_row([decisions[i] for i in members[s: s + max_titles]], members[s: s + max_titles],
-                             rows_of, fields))
+                             rows_of, fields, reasoning))
     return rows
 
 
-def _row(ds: Sequence[Any], index: list[int], rows_of, fields: dict[str, Sequence[Any]]) -> dict[str, Any]:
+def _row(ds: Sequence[Any], index: list[int], rows_of, fields: dict[str, Sequence[Any]],
+         reasoning: bool = False) -> dict[str, Any]:
     prefix = ds[0].prefix
     ids, segments = list(prefix.ids), [0] * len(prefix.ids)
     positions = list(range(len(prefix.ids)))
@@ -76,11 +85,27 @@ def _row(ds: Sequence[Any], index: list[int], rows_of, fields: dict[str, Sequenc
             reads.extend(start + r for r in block.reads)
         score_positions.append(reads)
         answer_ids.append(list(d.read_ids))
+    if reasoning:
+        labels, owner = [IGNORE] * len(ids), [-1] * len(ids)
+        for j, d in enumerate(ds):
+            if d.rationale is None:
+                continue
+            block = d.rationale
+            segment += 1
+            ids.extend(block.ids)
+            segments.extend([segment] * len(block.ids))
+            positions.extend(range(len(prefix.ids), len(prefix.ids) + len(block.ids)))
+            arts.extend(block.artworks)
+            trained = len(block.ids) - d.rationale_tokens
+            labels.extend([IGNORE] * trained + list(block.ids[trained:]))
+            owner.extend([-1] * trained + [j] * d.rationale_tokens)
     row = {
         "input_ids": ids, "segment_ids": segments, "position_ids": positions, "artwork_ids": rows_of(arts),
         "score_positions": score_positions, "answer_ids": answer_ids,
         "example_id": [d.example.example_id for d in ds], "decision_index": index,
     }
+    if reasoning:
+        row["rationale_labels"], row["rationale_owner"] = labels, owner
     for name, values in fields.items():
         row[name] = [values[i] for i in index]
     return row
@@ -93,7 +118,7 @@ def collate_rows(rows: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str,
     ``attention_mask`` ``[B, L]``; ``artwork_ids`` ``[B, M]`` (-1 pad); ``score_positions`` and
     ``answer_ids`` ``[B, D, K]`` (0 / -1 pad); ``decision_mask`` ``[B, D]``; and when the rows carry
     them: ``chosen`` ``[B, D]`` (-1 = no label), ``rejected_mask`` ``[B, D, K]``, ``target_probs`` and
-    ``true_p`` ``[B, D, K]``, ``weight`` ``[B, D]``.
+    ``true_p`` ``[B, D, K]``, ``weight`` ``[B, D]``, ``rationale_labels`` and ``rationale_owner`` ``[B, L]``.
     """
     out = {
         "input_ids": pad_2d([r["input_ids"] for r in rows], pad_token_id, torch.long),
@@ -121,6 +146,9 @@ def collate_rows(rows: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str,
             out[name] = pad_3d([r[name] for r in rows], 0.0, torch.float32)
     if "weight" in rows[0]:
         out["weight"] = pad_2d([r["weight"] for r in rows], 0.0, torch.float32)
+    if "rationale_labels" in rows[0]:  # sft.reasoning: auxiliary, per token [B, L]
+        out["rationale_labels"] = pad_2d([r["rationale_labels"] for r in rows], IGNORE, torch.long)
+        out["rationale_owner"] = pad_2d([r["rationale_owner"] for r in rows], -1, torch.long)
     return out
 
 

@@ -157,6 +157,15 @@ class SFTStageConfig(StageConfig):
         "help": "Teacher distribution = softmax(logit(q) / T). Choosing is ranking: T < 1 sharpens the teacher's "
                 "ranking into a stronger signal than its nearly flat play probabilities."})
     weight_decay: float = field(default=0.0, metadata=_trainer("weight_decay"))
+    reasoning: Literal["none", "auxiliary"] = field(default="none", metadata={
+        "help": "Prediction with reasoning (distilling step-by-step). none = the choice loss only; auxiliary = each "
+                "trained decision also gets a rationale block behind the same member prefix in its packed row (its "
+                "title block, 'Why:', then the decision's rationale from `mmart rationales`), trained by next-token "
+                "cross-entropy on the rationale's tokens, weighted by reasoning_weight. Scoring never sees rationale "
+                "blocks: choosing costs what it costs with none."})
+    reasoning_weight: float = field(default=0.5, metadata={
+        "help": "reasoning: auxiliary: loss = choice loss + w * rationale loss (per decision, the mean next-token "
+                "cross-entropy over its rationale's tokens, averaged over the decisions with a rationale)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -166,7 +175,7 @@ class SFTStageConfig(StageConfig):
             raise FieldError("propensity_clip", self.propensity_clip, ">= 1 (or null for a uniform draw)")
         within(self, "teacher_weight", 0, 1)
         positive(self, "teacher_temperature")
-        at_least(self, 0, "weight_decay", "unlogged_titles")
+        at_least(self, 0, "weight_decay", "unlogged_titles", "reasoning_weight")
         if self.unlogged_titles and self.teacher == "none":
             raise FieldError("unlogged_titles", self.unlogged_titles, "0 without a teacher (nothing labels an unlogged "
                              "title): set sft.teacher: taste, or unlogged_titles: 0")

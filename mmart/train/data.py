@@ -118,12 +118,18 @@ def oracle_play(data_dir: str | Path) -> Callable[[Example], list[float]] | None
 
 def decision_rows(encoder: PromptEncoder, examples: Sequence[Example], rows_of: RowsOf, max_titles: int = 1,
                   teacher=None, teacher_temperature: float = 1.0, propensity_clip: float | None = None,
-                  desc: str = "encode", true_play: Callable[[Example], list[float]] | None = None) -> Dataset:
+                  desc: str = "encode", true_play: Callable[[Example], list[float]] | None = None,
+                  rationales: dict[str, str] | None = None) -> Dataset:
     """Rows of ``max_titles`` decisions sharing a member prefix (1 = one prompt per decision), with labels:
     ``chosen`` (index of the played candidate, -1 if none), ``rejected`` (indices), ``weight`` (importance
     weight of the played label), with a ``teacher`` ``target_probs`` (its choice distribution), and with
-    ``true_play`` (``oracle_play``) ``true_p``: each candidate's true P(play), for the val true value."""
+    ``true_play`` (``oracle_play``) ``true_p``: each candidate's true P(play), for the val true value.
+    ``rationales`` (example_id -> text; ``sft.reasoning: auxiliary``): each decision that has one also gets
+    its rationale block (``PromptEncoder.with_rationale``), and the rows their rationale labels."""
     decisions = encode_decisions(encoder, examples, desc)
+    if rationales is not None:
+        decisions = [encoder.with_rationale(d, rationales[d.example.example_id])
+                     if d.example.example_id in rationales else d for d in decisions]
     fields: dict[str, list] = {
         "chosen": [-1 if ex.answer is None else ex.answer for ex in examples],
         "rejected": [list(ex.rejected) for ex in examples],

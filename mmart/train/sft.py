@@ -38,6 +38,7 @@ from mmart.train.common import (
 from mmart.train.resume import resume_launch, start_checkpoints, up_to_date
 from mmart.train.trainers import check_trainer_extras, stage_trainer
 from mmart.train.data import DecisionCollator, cache_rows, decision_rows, oracle_play, subsample
+from mmart.train.reasoning import load_rationales, rationale_loss, rationale_table, scores_and_rationale_ce
 from mmart.train.init import build_model, ensure_init
 from mmart.log import say
 from mmart.train.finish import save_stage_model
@@ -74,16 +75,33 @@ def choice_loss(scores: torch.Tensor, batch: dict[str, torch.Tensor], teacher_we
     return per_decision.mean(), metrics
 
 
+def sft_loss(model, inputs: dict[str, torch.Tensor], readout=None, teacher_weight: float = 0.5,
+             reasoning_weight: float = 0.0, accelerator=None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """SFT's loss on a collated batch: ``choice_loss``, plus ``reasoning_weight`` times the rationale loss
+    (``mmart.train.reasoning``) on rows built with rationale blocks. Returns ``(loss, scores, metrics)``."""
+    reasoning = "rationale_labels" in inputs  # only rows built with rationales carry them
+    if reasoning:
+        scores, ce, has = scores_and_rationale_ce(model, inputs, readout)
+    else:
+        scores = score_batch(model, inputs, readout)  # [B, D, K]
+    loss, metrics = choice_loss(scores, inputs, teacher_weight)
+    loss = across_ranks(accelerator, loss, inputs["decision_mask"].sum())  # ranks hold unequal decisions
+    if reasoning:
+        rationale, metrics["rationale_ce"] = rationale_loss(ce, has)
+        loss = loss + reasoning_weight * across_ranks(accelerator, rationale, has.sum())
+    return loss, scores, metrics
+
+
 class ArtworkSFTTrainer(ProjectorLRMixin, SFTTrainer):
     """SFTTrainer on packed decision rows; a separate projector learning rate; the listwise loss above."""
 
     teacher_weight: float = 0.5
+    reasoning_weight: float = 0.0  # sft.reasoning: auxiliary, on rows with rationale blocks
     readout = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
-        scores = score_batch(model, inputs, self.readout)  # [B, D, K]
-        loss, metrics = choice_loss(scores, inputs, self.teacher_weight)
-        loss = across_ranks(self.accelerator, loss, inputs["decision_mask"].sum())  # ranks hold unequal decisions
+        loss, scores, metrics = sft_loss(model, inputs, self.readout, self.teacher_weight, self.reasoning_weight,
+                                         self.accelerator)
         mode = "train" if model.training else "eval"
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)
@@ -117,6 +135,8 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
     out = Path(out_dir or f"{cfg.output_dir}/sft")
     start = time.perf_counter()
     check_trainer_extras(cfg)  # the whole config, before anything (stage 0 included) is written
+    # sft.reasoning: auxiliary refuses a missing or stale rationales table before anything is written
+    rationales = load_rationales(cfg) if cfg.sft.reasoning != "none" else None
     made = made_from(cfg, "sft")
     if not redo and up_to_date("sft", out / "model", made):
         return out / "model"
@@ -139,7 +159,11 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
         say("[mmart sft] warning: sft.examples=pairs without a teacher learns only from the played pairs")
     encoder, rows_of = encoder_for(inputs, model, tokenizer), cache_rows(inputs.cache)
     data = decision_rows(encoder, examples, rows_of, cfg.sft.pack_titles, teacher, cfg.sft.teacher_temperature,
-                         cfg.sft.propensity_clip, desc="encode sft")
+                         cfg.sft.propensity_clip, desc="encode sft", rationales=rationales)
+    if rationales is not None:
+        said = sum(e.example_id in rationales for e in examples)
+        say(f"[mmart sft] reasoning: auxiliary, weight {cfg.sft.reasoning_weight}: {said} of {len(examples)} "
+            f"decisions with a rationale block ({rationale_table(cfg)})")
     val = None
     if cfg.sft.eval_examples:  # every logged val decision of some members, as SFT sees train ones
         pool = inputs.builder.pair_examples("val", labels=True)
@@ -158,6 +182,7 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
                                 callbacks=callbacks)
     trainer.projector_lr = cfg.sft.projector_lr
     trainer.teacher_weight = cfg.sft.teacher_weight
+    trainer.reasoning_weight = cfg.sft.reasoning_weight
     trainer.readout = inputs.builder.readout
     resume = last_checkpoint(out)
     if resume:
@@ -169,5 +194,5 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
         trainer.evaluate()  # the final model on val, for the curves
     say_digest(trainer.model, "sft")
     return save_stage_model(trainer, tokenizer, cfg, "sft", out / "model", made,
-                            ("loss", "choice_accuracy", "true_value", "teacher_ce", "learning_rate"),
+                            ("loss", "choice_accuracy", "true_value", "teacher_ce", "rationale_ce", "learning_rate"),
                             len(examples), len(data), start, launch=launch)

@@ -11,7 +11,7 @@ DEFAULT_CONFIG = "configs/default.yaml"
 # The settings that decide what a training stage learns, shown with their values under the default
 # config in the stage's --help (read from that config and the fields' own help, so they cannot drift).
 STAGE_SETTINGS = {
-    "sft": ("sft.examples", "sft.teacher", "sft.max_examples", "sft.unlogged_titles", "prompt.answer"),
+    "sft": ("sft.examples", "sft.teacher", "sft.max_examples", "sft.unlogged_titles", "sft.reasoning", "prompt.answer"),
     "dpo": ("dpo.method", "dpo.pairs", "dpo.teacher", "dpo.negatives", "dpo.max_examples", "prompt.answer"),
 }
 

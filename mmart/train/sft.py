@@ -6,6 +6,8 @@ cross-entropy of the softmax over the K scores against the played candidate (wei
 its importance weight), mixed with the cross-entropy against a teacher's choice
 distribution when ``sft.teacher`` is set. A packed batch's loss is the mean over its
 decisions, so it equals the mean of the same decisions' unpacked losses.
+With ``sft.reasoning: auxiliary`` the rows also hold each decision's rationale block, and the loss
+adds the rationale's next-token cross-entropy (``mmart.train.reasoning``).
 
 Run as: ``mmart sft --config configs/default.yaml`` (resumes from its last checkpoint).
 """

@@ -16,10 +16,8 @@ from pathlib import Path
 from mmart.errors import UserError
 from mmart.log import say
 from mmart.model.readout import LETTERS
-from mmart.rationale.record import rationale_made_from
+from mmart.rationale.record import rationale_made_from, rationale_table
 from mmart.rationale.targets import Target, sft_targets
-
-TABLE = "rationales.parquet"
 
 
 def table_rows(targets: Sequence[Target], texts: Sequence[str], teacher: str) -> list[dict]:
@@ -56,8 +54,8 @@ def run_rationales(cfg, teacher: str | None = None, out: str | Path | None = Non
     if teacher is not None and teacher != cfg.rationale.teacher:
         cfg = dataclasses.replace(cfg, rationale=dataclasses.replace(cfg.rationale, teacher=teacher))
     teacher = cfg.rationale.teacher
-    folder = Path(out or f"{cfg.output_dir}/rationales")
-    table = folder / TABLE
+    table = rationale_table(cfg, out)
+    folder = table.parent
     state = distributed_state()
     made = rationale_made_from(cfg, teacher)
     why = stale(table, made)

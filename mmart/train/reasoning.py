@@ -10,7 +10,6 @@ see a rationale block) and the next-token logits of the rationale's tokens; the 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,17 +20,13 @@ from mmart.model.forward import token_log_probs
 from mmart.model.packing import IGNORE, attention_inputs
 
 
-def rationale_table(cfg) -> Path:
-    return Path(cfg.output_dir) / "rationales" / "rationales.parquet"
-
-
 def load_rationales(cfg) -> dict[str, str]:
     """example_id -> rationale of ``cfg``'s rationales table; a one-line refusal when it is missing or stale
     (made for other decisions or by another teacher than ``cfg`` asks for)."""
     import pandas as pd
 
     from mmart.artefacts import stale
-    from mmart.rationale.record import rationale_made_from
+    from mmart.rationale.record import rationale_made_from, rationale_table
 
     table = rationale_table(cfg)
     why = stale(table, rationale_made_from(cfg, cfg.rationale.teacher))

@@ -40,7 +40,8 @@ from mmart.train.common import (
 from mmart.train.resume import resume_launch, start_checkpoints, up_to_date
 from mmart.train.trainers import check_trainer_extras, stage_trainer
 from mmart.train.data import DecisionCollator, cache_rows, decision_rows, oracle_play, subsample
-from mmart.train.reasoning import load_rationales, rationale_loss, rationale_table, scores_and_rationale_ce
+from mmart.rationale.record import rationale_table
+from mmart.train.reasoning import load_rationales, rationale_loss, scores_and_rationale_ce
 from mmart.train.init import build_model, ensure_init
 from mmart.log import say
 from mmart.train.finish import save_stage_model

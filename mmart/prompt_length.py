@@ -45,12 +45,9 @@ def decision_tokens(decision) -> int:
 
 
 def _with_slot(tokenizer):
-    from transformers import AddedToken
+    from mmart.model.llm import add_slot_to_tokenizer
 
-    from mmart.model.llm import SLOT_TOKEN
-
-    if SLOT_TOKEN not in tokenizer.get_vocab():  # as add_slot_token does, without a model
-        tokenizer.add_tokens([AddedToken(SLOT_TOKEN, special=True, normalized=False)], special_tokens=True)
+    add_slot_to_tokenizer(tokenizer)
     return tokenizer
 
 

@@ -157,6 +157,14 @@ def _load_gguf(gguf_path: Path) -> tuple[PreTrainedModel, object]:
     return model, tokenizer
 
 
+def add_slot_to_tokenizer(tokenizer, slot_token: str = SLOT_TOKEN) -> int:
+    """Add the slot token to ``tokenizer`` alone (as one special, unnormalised token); return its id. ``add_slot_token``
+    also gives the model its row; ``mmart plan`` counts prompt tokens with the tokenizer only."""
+    if slot_token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(slot_token, special=True, normalized=False)], special_tokens=True)
+    return int(tokenizer.convert_tokens_to_ids(slot_token))
+
+
 def add_slot_token(model: PreTrainedModel, tokenizer, slot_token: str = SLOT_TOKEN) -> int:
     """Add the artwork slot token to ``tokenizer`` and ``model`` if missing; return its id.
 
@@ -176,8 +184,7 @@ def add_slot_token(model: PreTrainedModel, tokenizer, slot_token: str = SLOT_TOK
             raise ValueError(f"slot token {slot_token!r} has id {token_id}, beyond the model's embedding matrix")
         return token_id
 
-    tokenizer.add_tokens([AddedToken(slot_token, special=True, normalized=False)], special_tokens=True)
-    token_id = int(tokenizer.convert_tokens_to_ids(slot_token))
+    token_id = add_slot_to_tokenizer(tokenizer, slot_token)
     rows = model.get_input_embeddings().weight.shape[0]
     if token_id >= rows:
         # Only grow: Qwen-style models keep spare rows past the tokenizer, and shrinking would cut them.

@@ -198,7 +198,7 @@ def test_auxiliary_sft_trains_on_the_rationales_table_end_to_end(cfg, tmp_path) 
     from mmart.artefacts import read_record, stale
     from mmart.rationale.stage import run_rationales
 
-    from tests.train._runs import with_out
+    from _runs import with_out  # tests/train/_runs.py
 
     aux = with_out(cfg, tmp_path / "out")
     aux = dataclasses.replace(aux, sft=dataclasses.replace(aux.sft, reasoning="auxiliary", reasoning_weight=0.3,

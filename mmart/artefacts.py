@@ -34,11 +34,12 @@ OWN = ("output", "launch")
 # under the new format with the value that does what every stage did before it existed: a record of an older
 # format lacks the field and still matches while the config keeps that value, so upgrading mmart does not retrain
 # what the new field would not change. A record of the current format that lacks a field differs for real.
-RECORD_FORMAT = 3
+RECORD_FORMAT = 4
 FIELDS_ADDED: dict[int, dict[str, Any]] = {
     2: {"prompt.history_genres": 0, "dpo.negatives": "all", "prompt.candidate_context": "title",
         "prompt.history_summary_margins": "numbers"},
     3: {"sft.reasoning": "none", "sft.reasoning_weight": 0.5},
+    4: {"sft.reasoning_max_tokens": 64},
 }
 # Keys about the record itself: never compared.
 META = ("format",)
@@ -118,7 +119,8 @@ def made_from(cfg: Any, stage: str, model_dir: str | Path | None = None, preds: 
     if stage == "predict":
         e = cfg.eval
         return predict_made_from(model_dir, cfg.data_dir, cfg.cache_dir if embeddings else None, e.split, e.max_pairs,
-                                 e.pairs, e.seed, use_bf16(e.bf16), e.candidate_orders)
+                                 e.pairs, e.seed, use_bf16(e.bf16), e.candidate_orders,
+                                 explain=cfg.sft.reasoning == "before_answer")
     if stage == "eval":
         return eval_made_from(cfg.data_dir, preds or {}, cfg.eval.n_boot, cfg.eval.seed)
     if stage not in ("init", "sft", "dpo"):
@@ -153,16 +155,20 @@ def eval_made_from(data_dir: str | Path, preds: dict[str, str | Path], n_boot: i
 
 
 def predict_made_from(model_dir: str | Path | None, data_dir: str | Path, cache_dir: str | Path | None, split: str,
-                      max_pairs: int, slice_: str, seed: int, bf16: bool, candidate_orders: int = 1) -> dict:
+                      max_pairs: int, slice_: str, seed: int, bf16: bool, candidate_orders: int = 1,
+                      explain: bool = False) -> dict:
     """What a predictions file is made from: the model, the data and cache, which pairs, and the precision.
 
-    ``candidate_orders`` is recorded only above 1, so records written before it existed still match."""
+    ``candidate_orders`` (above 1) and ``explain`` (the model wrote rationales) are recorded only when set, so
+    records written before they existed still match."""
     inputs = {"model": model_fingerprint(model_dir) if model_dir else None, "data": data_fingerprint(data_dir)}
     if cache_dir is not None:
         inputs["cache"] = cache_fingerprint(cache_dir)
     config = {"split": split, "max_pairs": max_pairs, "slice": slice_, "seed": seed, "bf16": bool(bf16)}
     if candidate_orders != 1:
         config["candidate_orders"] = candidate_orders
+    if explain:
+        config["explain"] = True
     return {"stage": "predict", "inputs": inputs, "config": config}
 
 

@@ -371,6 +371,16 @@ class PipelineConfig:
     rationale: RationaleConfig = dataclasses.field(default_factory=RationaleConfig, metadata={
         "help": "`mmart rationales`: a teacher's justification of each SFT decision's target."})
 
+    def __post_init__(self) -> None:
+        if self.sft.reasoning == "before_answer" and (self.prompt.answer != "letter"
+                                                      or self.prompt.candidate_context != "title"):
+            raise ConfigError(
+                f"sft.reasoning=before_answer needs prompt.answer: letter and prompt.candidate_context: title (got "
+                f"{self.prompt.answer}, {self.prompt.candidate_context}): the rationale goes between the candidates "
+                "and the one answer position that reads them all, and the per_candidate readout reads each "
+                "candidate's score right after its artwork, where no text can come first; use sft.reasoning: "
+                "auxiliary with that readout")
+
     @property
     def cache_dir(self) -> str:
         return self.cache.dir or f"{self.output_dir}/cache"

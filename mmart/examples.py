@@ -30,6 +30,7 @@ from mmart.model.readout import LETTERS, Art, Piece, Read, ReadAll, Readout, Tex
 
 SYSTEM_PROMPT = "Pick the artwork this streaming member is most likely to play."
 _SPLIT = "\x00mmart-user-message\x00"  # stands for the user message when the chat template is split
+ANSWER_CUE = "\nAnswer:"  # after the rationale the model writes before its letter (sft.reasoning: before_answer)
 RATIONALE_CUE = "\nWhy:"  # between a rationale block's title block and its rationale (sft.reasoning: auxiliary)
 
 
@@ -374,6 +375,7 @@ class Segment:
     ids: list[int]
     artworks: list[str]
     reads: list[int] = field(default_factory=list)
+    labels: list[int] | None = None  # per token: its id where trained as text, IGNORE elsewhere (None: none)
 
 
 @dataclass
@@ -485,18 +487,58 @@ class PromptEncoder:
         the only ones trained (``Decision.rationale_tokens``)."""
         from dataclasses import replace
 
+        head = self._rationale_head(d)
+        text = self._ids(" " + " ".join(rationale.split()))
+        if self.embeddings and self.slot_id in text:
+            raise UserError(f"the rationale of decision {d.example.example_id} contains the slot token "
+                            f"{self.slot_token!r}; write the rationales again without it")
+        block = Segment(list(head.ids) + text, list(head.artworks))
+        return replace(d, rationale=block, rationale_tokens=len(text))
+
+    def _rationale_head(self, d: Decision) -> Segment:
+        """A rationale block up to its cue: the title block with every candidate, then ``RATIONALE_CUE``."""
         if len(d.blocks) == 1:
             title = d.blocks[0]
         else:
             tail = self.chat_tail if self.builder.readout.ends_at_answer else ""
             pieces = self.builder.readout.block_pieces(self.builder.title_line(d.example), d.example.candidates, tail)
             title = self.encode_pieces(pieces, len(d.example.candidates))
-        cue, text = self._ids(RATIONALE_CUE), self._ids(" " + " ".join(rationale.split()))
+        return Segment(list(title.ids) + self._ids(RATIONALE_CUE), list(title.artworks))
+
+    def rationale_prompt(self, d: Decision, reasoning: str) -> Segment:
+        """The block after the member prefix that the model writes its rationale behind: under ``before_answer``
+        the title block up to the answer turn's start; under ``auxiliary`` the rationale block up to its cue."""
+        if reasoning == "before_answer":
+            return Segment(list(d.block.ids), list(d.block.artworks))
+        if reasoning == "auxiliary":
+            return self._rationale_head(d)
+        raise UserError(f"a model trained with sft.reasoning={reasoning!r} writes no rationale: train it with "
+                        "sft.reasoning: before_answer or auxiliary to have it explain its choices")
+
+    def with_answer_after(self, d: Decision, rationale: str, trained: bool = False) -> Decision:
+        """``d`` as ``sft.reasoning: before_answer`` reads it: the title block, the answer turn's ``rationale``,
+        ``ANSWER_CUE``, then every candidate's letter read at the cue's last token (" A", " B", ...).
+
+        ``trained``: the rationale's and the cue's tokens are labelled (SFT learns to write them, and to close
+        its rationale with the cue, where generation stops); scoring passes the model's own rationale unlabelled.
+        """
+        from dataclasses import replace
+
+        from mmart.model.packing import IGNORE
+
+        if not self.builder.readout.ends_at_answer or len(d.blocks) != 1:
+            raise UserError("sft.reasoning: before_answer needs one answer position after every candidate "
+                            "(prompt.answer: letter, prompt.candidate_context: title)")
+        title = d.block
+        text = self._ids(" ".join(rationale.split())) + self._ids(ANSWER_CUE)
         if self.embeddings and self.slot_id in text:
             raise UserError(f"the rationale of decision {d.example.example_id} contains the slot token "
                             f"{self.slot_token!r}; write the rationales again without it")
-        block = Segment(list(title.ids) + cue + text, list(title.artworks))
-        return replace(d, rationale=block, rationale_tokens=len(text))
+        ids = list(title.ids) + text
+        k = len(d.example.candidates)
+        labels = [IGNORE] * len(title.ids) + text if trained else None
+        block = Segment(ids, list(title.artworks), [len(ids) - 1] * k, labels)
+        return replace(d, blocks=[block], read_ids=self.builder.readout.read_token_ids(self.tokenizer, k, spaced=True))
 
     def text(self, ex: Example) -> str:
         """The decision's prompt as text (slots shown as the slot token): for reading and tests."""

@@ -69,11 +69,15 @@ def uniform_pairs(impressions: pd.DataFrame, split: str) -> set[tuple[str, str]]
     return set(zip(rows.user_id, rows.title_id))
 
 
-def predictions_frame(examples, probs, impressions: pd.DataFrame) -> pd.DataFrame:
-    """One row per impression of the scored pairs: candidates, their probabilities, the choice."""
-    per_pair = {}
-    for ex, p in zip(examples, probs):
+def predictions_frame(examples, probs, impressions: pd.DataFrame, rationales: list[str] | None = None
+                      ) -> pd.DataFrame:
+    """One row per impression of the scored pairs: candidates, their probabilities, the choice; with
+    ``rationales`` (one per example) a ``rationale`` column, the model's own words for its choice."""
+    per_pair, said = {}, {}
+    for i, (ex, p) in enumerate(zip(examples, probs)):
         per_pair[(ex.user_id, ex.title_id)] = (list(ex.candidates), [float(x) for x in p])
+        if rationales is not None:
+            said[(ex.user_id, ex.title_id)] = rationales[i]
     rows = []
     for r in impressions.itertuples(index=False):
         hit = per_pair.get((r.user_id, r.title_id))
@@ -87,6 +91,7 @@ def predictions_frame(examples, probs, impressions: pd.DataFrame) -> pd.DataFram
             "shown_artwork_id": r.shown_artwork_id, "shown_prob": p[cands.index(r.shown_artwork_id)],
             "played": bool(r.played), "propensity": float(r.propensity), "split": r.split,
             "logging_policy": getattr(r, "logging_policy", None),
+            **({"rationale": said[(r.user_id, r.title_id)]} if rationales is not None else {}),
         })
     return pd.DataFrame(rows)
 
@@ -107,8 +112,8 @@ def check_tower(model_dir: Path, cache) -> None:
 
 def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | Path | None,
             cfg=None, batch_size: int = 16, max_pairs: int = 0, seed: int | None = None, progress: bool = True,
-            pairs: set[tuple[str, str]] | None = None, slice_: str = "all", pack_titles: int | None = None
-            ) -> pd.DataFrame:
+            pairs: set[tuple[str, str]] | None = None, slice_: str = "all", pack_titles: int | None = None,
+            explain: bool = False) -> pd.DataFrame:
     """Load a saved chooser and score every member-title pair of ``split`` (or only ``pairs``,
     (user_id, title_id) tuples; or a seeded sample of ``max_pairs``); write Parquet if ``out``.
 
@@ -116,19 +121,30 @@ def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | 
     sample of ``max_pairs`` spends all its scoring on the slice with an unbiased hit rate.
     ``pack_titles``: decisions per packed row (default ``eval.pack_titles``; 1 = one prompt each):
     a member's titles share one read of the member's history; the scores are the same.
+
+    A model trained with ``sft.reasoning: before_answer`` writes its rationale before every answer (the
+    scores are read after it); ``explain`` has a model trained with ``auxiliary`` write one too (its scores
+    do not read it). Either way the frame gets a ``rationale`` column: the model's own words for each pair.
     """
     from mmart.artefacts import predict_made_from
     from mmart.model.checkpoint import load_chooser, read_spec
     from mmart.model.chooser import set_artwork_cache
     from mmart.model.inference import ready_for_scoring
     from mmart.train.common import device, load_inputs, use_bf16
-    from mmart.train.data import cache_rows, decision_rows
+    from mmart.errors import UserError
+    from mmart.model.explain import write_rationales
+    from mmart.train.data import cache_rows, decision_rows, encode_decisions
     from mmart.train.sft import encoder_for
 
     start = time.perf_counter()
     model_dir = Path(model_dir)
     read_spec(model_dir)  # one line when the folder is not a saved chooser
     cfg = cfg if cfg is not None else _saved_config(model_dir)
+    reasoning = cfg.sft.reasoning
+    explain = explain or reasoning == "before_answer"
+    if explain and reasoning == "none":
+        raise UserError(f"--explain: {model_dir} was trained with sft.reasoning: none, so it never learned to write "
+                        "a rationale; train with sft.reasoning: auxiliary (or before_answer) to have it explain")
     seed = cfg.eval.seed if seed is None else seed
     chosen_pairs = pairs is not None  # a caller's own pairs (a review): no record for train.sh to reuse
     inputs = load_inputs(cfg, str(data_dir), check=False, expect_tower=False)
@@ -141,21 +157,26 @@ def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | 
     orders = cfg.eval.candidate_orders
     # Each extra order is one more title block behind the same member prefix: decision v * n + i.
     views = [[inputs.builder.reordered(ex, v) for ex in examples] for v in range(orders)]
-    rows = decision_rows(encoder_for(inputs, model, tokenizer), [ex for view in views for ex in view],
-                         cache_rows(inputs.cache), pack * orders, desc="encode").to_list()
     bf16 = use_bf16(cfg.eval.bf16, "predict")
     prepared = ready_for_scoring(model, bf16)
+    encoder, every = encoder_for(inputs, model, tokenizer), [ex for view in views for ex in view]
+    texts = None
+    if explain:  # the model's own rationale for each view of each pair (the answer reads it under before_answer)
+        texts = write_rationales(model, encoder, encode_decisions(encoder, every, "encode"), reasoning,
+                                 cfg.sft.reasoning_max_tokens, cache_rows(inputs.cache), batch_size, bf16, progress)
+    rows = decision_rows(encoder, every, cache_rows(inputs.cache), pack * orders, desc="encode", rationales=texts,
+                         reasoning=reasoning, train_rationales=False).to_list()
     scored = score_rows(model, rows, tokenizer.pad_token_id, batch_size, progress, bf16=bf16,
                         readout=inputs.builder.readout)
     n = len(examples)
     probs = [average_over_orders(ex.candidates, [(views[v][i].candidates, scored[v * n + i]) for v in range(orders)])
              for i, ex in enumerate(examples)]
     imps = inputs.contract.frame("impressions")
-    frame = predictions_frame(examples, probs, imps[imps.split == split])
+    frame = predictions_frame(examples, probs, imps[imps.split == split], texts[:n] if texts else None)
     if out:
         record = None if chosen_pairs else predict_made_from(
             model_dir, data_dir, cfg.cache_dir if inputs.cache is not None else None, split, max_pairs, slice_, seed,
-            bf16, orders)
+            bf16, orders, explain)
         _write_predictions(frame, Path(out), record, model_dir)
     if progress:  # the one summary line of a console run
         from mmart.log import say

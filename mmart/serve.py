@@ -18,13 +18,19 @@ Run as (Python)::
     probs = chooser.choose([Watched("t0012", rating=4, artwork_id="t0012_a1", timestamp=1)],
                            {"t0040": ["t0040_a0", "t0040_a1", "t0040_a2"], "t0107": [...]})
     # -> {"t0040": {"t0040_a0": 0.21, ...}, "t0107": {...}}
+    explained = chooser.choose_explained(history, titles)  # a model trained with sft.reasoning
+    # -> {"t0040": Choice(probs={...}, rationale="..."), ...}: the model's own words for each title
+
+A model trained with ``sft.reasoning: before_answer`` writes its rationale before every answer, in
+``choose`` too (the scores read it); one trained with ``auxiliary`` writes one only in
+``choose_explained``. Rationales are generated behind the member prefix's cache (``mmart.model.explain``).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +62,14 @@ class Watched:
 
 
 @dataclass
+class Choice:
+    """One title's choice: each candidate's probability, and the model's rationale for it."""
+
+    probs: dict[str, float]
+    rationale: str
+
+
+@dataclass
 class _Prefix:
     segment: Segment
     cache: Any  # the LLM's key/value cache of the prefix (a transformers Cache)
@@ -65,9 +79,11 @@ class HomePageChooser:
     """A saved chooser, its catalog and cache, ready to score home pages (see the module docstring)."""
 
     def __init__(self, model, tokenizer, builder: ExampleBuilder, encoder: PromptEncoder, cache=None,
-                 bf16: bool = False, max_members: int = 64) -> None:
+                 bf16: bool = False, max_members: int = 64, reasoning: str = "none",
+                 reasoning_max_tokens: int = 64) -> None:
         self.model, self.tokenizer, self.builder, self.encoder = model, tokenizer, builder, encoder
         self.cache, self.bf16, self.max_members = cache, bf16, max_members
+        self.reasoning, self.reasoning_max_tokens = reasoning, reasoning_max_tokens  # how it was trained (sft)
         self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()
         self.stats = {"prefix_forwards": 0, "prefix_hits": 0, "block_forwards": 0}
         # On a CPU with SDPA, the blocks read the one cached prefix once (mmart.model.shared_prefix), not a copy each.
@@ -104,7 +120,8 @@ class HomePageChooser:
         encoder = PromptEncoder(inputs.builder, tokenizer, slots)
         bf16 = use_bf16(cfg.eval.bf16, "serve")
         ready_for_scoring(model, bf16)  # bf16 weights stored once (or LoRA merged in fp32): the same scores
-        return cls(model, tokenizer, inputs.builder, encoder, inputs.cache, bf16, max_members)
+        return cls(model, tokenizer, inputs.builder, encoder, inputs.cache, bf16, max_members, cfg.sft.reasoning,
+                   cfg.sft.reasoning_max_tokens)
 
     # --- Prefix: computed once per member and history ----------------------------------------------
     def _prefix(self, history: list[Watched], decided_at: int) -> tuple[str, _Prefix]:
@@ -142,17 +159,35 @@ class HomePageChooser:
         ``history``: what the member watched (any order; only events before ``decided_at`` count,
         default: after all of them). ``titles``: title id -> candidate artwork ids (1-8 each).
         """
+        return {t: c.probs for t, c in self._choose(history, titles, decided_at, explain=False).items()}
+
+    def choose_explained(self, history: list[Watched], titles: dict[str, list[str]], decided_at: int | None = None
+                         ) -> dict[str, Choice]:
+        """As ``choose``, with the model's own rationale for each title (a model trained with ``sft.reasoning``
+        before_answer or auxiliary; refused, in one line, for one trained without)."""
+        return self._choose(history, titles, decided_at, explain=True)
+
+    def _choose(self, history: list[Watched], titles: dict[str, list[str]], decided_at: int | None, explain: bool
+                ) -> dict[str, Choice]:
         if not titles:
             return {}
         decided_at = decided_at if decided_at is not None else max([w.timestamp for w in history], default=0) + 1
-        _, prefix = self._prefix(history, decided_at)
+        key, prefix = self._prefix(history, decided_at)
         p = len(prefix.segment.ids)
-        blocks, arts, reads, tokens, where = [], [], [], [], []  # where: per block, (title, candidate) of each read
-        for t, (title_id, candidates) in enumerate(titles.items()):
+        decisions = []  # each with this call's prefix (the encoder's own is cached by member id, not history)
+        for title_id, candidates in titles.items():
             if title_id not in self.builder.titles:
                 raise UserError(f"title {title_id!r} is not in the catalog's titles table")
-            ex = Example(f"serve|{title_id}", _MEMBER, title_id, "serve", decided_at, list(candidates))
-            d = self.encoder.decision(ex)
+            d = self.encoder.decision(Example(f"serve|{title_id}", _MEMBER, title_id, "serve", decided_at,
+                                              list(candidates)))
+            decisions.append(replace(d, prefix=prefix.segment, prefix_key=(key, 0)))
+        said = [""] * len(decisions)
+        if explain or self.reasoning == "before_answer":
+            said = self._rationales(decisions)
+        if self.reasoning == "before_answer":  # the answer reads the model's own rationale
+            decisions = [self.encoder.with_answer_after(d, r) for d, r in zip(decisions, said)]
+        blocks, arts, reads, tokens, where = [], [], [], [], []  # where: per block, (title, candidate) of each read
+        for t, d in enumerate(decisions):
             c = 0
             for block in d.blocks:  # one per title, or one per candidate (prompt.candidate_context: own)
                 n = len(block.reads)
@@ -181,8 +216,18 @@ class HomePageChooser:
                           dtype=logp.dtype).index_put((t_at, c_at), logp[n_at, i_at])
         scores = self.builder.readout.candidate_scores(read).float()
         probs = torch.softmax(scores, dim=-1).cpu().numpy()
-        return {t: dict(zip(c, np.asarray(probs[i, : len(c)], dtype=float).tolist()))
+        return {t: Choice(dict(zip(c, np.asarray(probs[i, : len(c)], dtype=float).tolist())), said[i])
                 for i, (t, c) in enumerate(titles.items())}
+
+    def _rationales(self, decisions: list) -> list[str]:
+        from mmart.model.explain import write_rationales
+
+        if self.reasoning == "none":
+            raise UserError("this chooser was trained with sft.reasoning: none, so it never learned to write a "
+                            "rationale; train it with sft.reasoning: auxiliary (or before_answer) to explain")
+        rows_of = (lambda a: self.cache.rows(list(a)).tolist()) if self.cache is not None else None
+        return write_rationales(self.model, self.encoder, decisions, self.reasoning, self.reasoning_max_tokens,
+                                rows_of, bf16=self.bf16, progress=False)
 
     # --- helpers -----------------------------------------------------------------------------------
     def _device(self) -> torch.device:

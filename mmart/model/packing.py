@@ -42,15 +42,17 @@ def pack_decisions(decisions: Sequence[Any], max_titles: int, rows_of: Callable[
     of first appearance; ``decision_index`` records where each came from.
 
     Decisions with a rationale block (``Decision.rationale``, ``sft.reasoning: auxiliary``) add it after
-    the row's title blocks, a block like them (it sees the prefix and itself), and every row then
-    carries ``rationale_labels`` (the token id on a rationale's own tokens, ``IGNORE`` elsewhere) and
+    the row's title blocks, a block like them (it sees the prefix and itself); a title block may carry
+    trained tokens of its own (``Segment.labels``: the rationale before the answer, ``sft.reasoning:
+    before_answer``). Every row with either then carries ``rationale_labels`` (the token id on a rationale's own tokens, ``IGNORE`` elsewhere) and
     ``rationale_owner`` (the decision, 0-based in the row, each labelled token belongs to; -1 elsewhere).
     The title blocks keep their tokens and positions: a row's scores are those of the row without them.
     """
     if max_titles < 1:
         raise ValueError(f"max_titles must be >= 1, got {max_titles}")
     fields = fields or {}
-    reasoning = any(getattr(d, "rationale", None) is not None for d in decisions)
+    reasoning = any(getattr(d, "rationale", None) is not None or any(getattr(b, "labels", None) for b in d.blocks)
+                    for d in decisions)
     groups: dict[Any, list[int]] = {}
     for i, d in enumerate(decisions):
         groups.setdefault(d.prefix_key, []).append(i)
@@ -69,8 +71,9 @@ def _row(ds: Sequence[Any], index: list[int], rows_of, fields: dict[str, Sequenc
     positions = list(range(len(prefix.ids)))
     arts = list(prefix.artworks)
     score_positions, answer_ids = [], []
+    labels, owner = [IGNORE] * len(ids), [-1] * len(ids)
     segment = 0
-    for d in ds:
+    for j, d in enumerate(ds):
         if d.prefix.ids != prefix.ids or d.prefix.artworks != prefix.artworks:
             raise ValueError(f"decisions {ds[0].example.example_id} and {d.example.example_id} share a prefix key "
                              "but not their prefix tokens")
@@ -83,10 +86,10 @@ def _row(ds: Sequence[Any], index: list[int], rows_of, fields: dict[str, Sequenc
             positions.extend(range(len(prefix.ids), len(prefix.ids) + len(block.ids)))
             arts.extend(block.artworks)
             reads.extend(start + r for r in block.reads)
+            _label(labels, owner, getattr(block, "labels", None) or [IGNORE] * len(block.ids), j)
         score_positions.append(reads)
         answer_ids.append(list(d.read_ids))
     if reasoning:
-        labels, owner = [IGNORE] * len(ids), [-1] * len(ids)
         for j, d in enumerate(ds):
             if d.rationale is None:
                 continue
@@ -97,8 +100,7 @@ def _row(ds: Sequence[Any], index: list[int], rows_of, fields: dict[str, Sequenc
             positions.extend(range(len(prefix.ids), len(prefix.ids) + len(block.ids)))
             arts.extend(block.artworks)
             trained = len(block.ids) - d.rationale_tokens
-            labels.extend([IGNORE] * trained + list(block.ids[trained:]))
-            owner.extend([-1] * trained + [j] * d.rationale_tokens)
+            _label(labels, owner, [IGNORE] * trained + list(block.ids[trained:]), j)
     row = {
         "input_ids": ids, "segment_ids": segments, "position_ids": positions, "artwork_ids": rows_of(arts),
         "score_positions": score_positions, "answer_ids": answer_ids,
@@ -109,6 +111,12 @@ def _row(ds: Sequence[Any], index: list[int], rows_of, fields: dict[str, Sequenc
     for name, values in fields.items():
         row[name] = [values[i] for i in index]
     return row
+
+
+def _label(labels: list[int], owner: list[int], block_labels: Sequence[int], j: int) -> None:
+    """Append a block's per-token labels, and decision ``j`` as the owner of each trained one."""
+    labels.extend(block_labels)
+    owner.extend(-1 if t == IGNORE else j for t in block_labels)
 
 
 def collate_rows(rows: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -133,8 +133,10 @@ class LetterReadout(Readout):
     def closing(self, k: int, chat_tail: str) -> list[Piece]:
         return [Text(f"\nAnswer with one letter ({LETTERS[0]}-{LETTERS[k - 1]}).{chat_tail}"), ReadAll()]
 
-    def read_token_ids(self, tokenizer, k: int) -> list[int]:
-        ids = [single_token_id(tokenizer, letter, "answer letter") for letter in LETTERS[:k]]
+    def read_token_ids(self, tokenizer, k: int, spaced: bool = False) -> list[int]:
+        """``spaced``: the letters as they follow "Answer:" in running text (" A"), after a rationale the
+        model wrote (``sft.reasoning: before_answer``); else as the first token of the answer turn ("A")."""
+        ids = [single_token_id(tokenizer, f" {letter}" if spaced else letter, "answer letter") for letter in LETTERS[:k]]
         if len(set(ids)) != len(ids):
             raise UserError(f"answer letters {list(LETTERS[:k])} do not map to distinct tokens: {ids}")
         return ids

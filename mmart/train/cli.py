@@ -131,6 +131,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides on --config")
     r.add_argument("--batch-size", type=cli_number(int, at_least, 1), default=16)
     r.add_argument("--max-pairs", type=cli_number(int, at_least, 0), default=0, help="score a seeded sample of this many pairs (0 = all)")
+    r.add_argument("--explain", action="store_true",
+                   help="also have the model write its own rationale for each pair (a `rationale` column; the review "
+                        "page shows it). For a model trained with sft.reasoning: auxiliary; one trained with "
+                        "before_answer always writes one (its answer reads it); refused for reasoning: none")
     r.add_argument("--slice", default="all", choices=["all", "uniform"],
                    help="uniform: only pairs with an impression logged by the uniformly random policy "
                         "(impressions.logging_policy == 'uniform'), the slice whose hit rate is unbiased")
@@ -179,5 +183,6 @@ def _predict(args) -> int:
 
     cfg = _load(args) if args.config else None
     predict(args.model, args.data, args.split, args.out, cfg=cfg, batch_size=args.batch_size,  # prints its summary
-            max_pairs=args.max_pairs, slice_=args.slice, pack_titles=1 if args.no_pack else None)
+            max_pairs=args.max_pairs, slice_=args.slice, pack_titles=1 if args.no_pack else None,
+            explain=args.explain)
     return 0

@@ -157,15 +157,24 @@ class SFTStageConfig(StageConfig):
         "help": "Teacher distribution = softmax(logit(q) / T). Choosing is ranking: T < 1 sharpens the teacher's "
                 "ranking into a stronger signal than its nearly flat play probabilities."})
     weight_decay: float = field(default=0.0, metadata=_trainer("weight_decay"))
-    reasoning: Literal["none", "auxiliary"] = field(default="none", metadata={
-        "help": "Prediction with reasoning (distilling step-by-step). none = the choice loss only; auxiliary = each "
-                "trained decision also gets a rationale block behind the same member prefix in its packed row (its "
-                "title block, 'Why:', then the decision's rationale from `mmart rationales`), trained by next-token "
-                "cross-entropy on the rationale's tokens, weighted by reasoning_weight. Scoring never sees rationale "
-                "blocks: choosing costs what it costs with none."})
+    reasoning: Literal["none", "before_answer", "auxiliary"] = field(default="none", metadata={
+        "help": "Prediction with reasoning, on the rationales of `mmart rationales`. none = the choice loss only. "
+                "before_answer (the paper's) = the model writes the rationale in its answer turn, then 'Answer:' and "
+                "the letter: SFT trains the rationale's tokens (weighted by reasoning_weight) and the choice read "
+                "after it; predict, DPO and the home-page API generate the model's own rationale first (greedy, at "
+                "most reasoning_max_tokens), so choosing costs a generation. Needs prompt.answer: letter (the "
+                "per_candidate readout reads each score right after its artwork: nothing can come before it). "
+                "auxiliary (distilling step-by-step) = each trained decision also gets a rationale block behind the "
+                "same member prefix in its packed row (its title block, 'Why:', the rationale), trained by next-token "
+                "cross-entropy weighted by reasoning_weight; scoring never sees rationale blocks, so choosing costs "
+                "what it costs with none (predict --explain writes one on request)."})
     reasoning_weight: float = field(default=0.5, metadata={
-        "help": "reasoning: auxiliary: loss = choice loss + w * rationale loss (per decision, the mean next-token "
-                "cross-entropy over its rationale's tokens, averaged over the decisions with a rationale)."})
+        "help": "loss = choice loss + w * rationale loss (per decision, the mean next-token cross-entropy over its "
+                "rationale's tokens, averaged over the decisions with a rationale). 0 trains on the choice alone."})
+    reasoning_max_tokens: int = field(default=64, metadata={
+        "help": "The most tokens the trained model writes as its own rationale (before_answer: before every answer; "
+                "auxiliary: with predict --explain and the home-page API's explain). Generation also stops at the "
+                "end of the line."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -176,6 +185,7 @@ class SFTStageConfig(StageConfig):
         within(self, "teacher_weight", 0, 1)
         positive(self, "teacher_temperature")
         at_least(self, 0, "weight_decay", "unlogged_titles", "reasoning_weight")
+        at_least(self, 1, "reasoning_max_tokens")
         if self.unlogged_titles and self.teacher == "none":
             raise FieldError("unlogged_titles", self.unlogged_titles, "0 without a teacher (nothing labels an unlogged "
                              "title): set sft.teacher: taste, or unlogged_titles: 0")

@@ -104,6 +104,24 @@ def encode_decisions(encoder: PromptEncoder, examples: Sequence[Example], desc: 
     return [encoder.decision(ex) for ex in tqdm(examples, desc=desc, unit="ex", leave=False)]
 
 
+def with_rationales(encoder: PromptEncoder, decisions: list[Decision], rationales: dict[str, str] | Sequence[str],
+                    reasoning: str, trained: bool = True) -> list[Decision]:
+    """``decisions`` with their rationales, as ``reasoning`` places them (see ``decision_rows``)."""
+    if isinstance(rationales, dict):
+        texts = [rationales.get(d.example.example_id) for d in decisions]
+    else:
+        if len(rationales) != len(decisions):
+            raise ValueError(f"{len(rationales)} rationales for {len(decisions)} decisions")
+        texts = list(rationales)
+    if reasoning == "before_answer":
+        return [encoder.with_answer_after(d, t or "", trained) for d, t in zip(decisions, texts)]
+    if reasoning != "auxiliary":
+        raise ValueError(f"reasoning must be auxiliary or before_answer, got {reasoning!r}")
+    if not trained:
+        return decisions  # an auxiliary rationale is never read by the choice
+    return [encoder.with_rationale(d, t) if t is not None else d for d, t in zip(decisions, texts)]
+
+
 def oracle_play(data_dir: str | Path) -> Callable[[Example], list[float]] | None:
     """The demo world's true P(play) of each candidate of a decision (``oracle.parquet``), or None elsewhere."""
     import pandas as pd
@@ -119,17 +137,19 @@ def oracle_play(data_dir: str | Path) -> Callable[[Example], list[float]] | None
 def decision_rows(encoder: PromptEncoder, examples: Sequence[Example], rows_of: RowsOf, max_titles: int = 1,
                   teacher=None, teacher_temperature: float = 1.0, propensity_clip: float | None = None,
                   desc: str = "encode", true_play: Callable[[Example], list[float]] | None = None,
-                  rationales: dict[str, str] | None = None) -> Dataset:
+                  rationales: dict[str, str] | Sequence[str] | None = None, reasoning: str = "auxiliary",
+                  train_rationales: bool = True) -> Dataset:
     """Rows of ``max_titles`` decisions sharing a member prefix (1 = one prompt per decision), with labels:
     ``chosen`` (index of the played candidate, -1 if none), ``rejected`` (indices), ``weight`` (importance
     weight of the played label), with a ``teacher`` ``target_probs`` (its choice distribution), and with
     ``true_play`` (``oracle_play``) ``true_p``: each candidate's true P(play), for the val true value.
-    ``rationales`` (example_id -> text; ``sft.reasoning: auxiliary``): each decision that has one also gets
-    its rationale block (``PromptEncoder.with_rationale``), and the rows their rationale labels."""
+    ``rationales`` (example_id -> text, or one text per example): under ``reasoning: auxiliary`` each decision
+    that has one also gets its rationale block (``PromptEncoder.with_rationale``); under ``before_answer`` every
+    decision is read after its rationale (``PromptEncoder.with_answer_after``; none: an empty one). The rows
+    carry rationale labels when ``train_rationales`` (SFT), not when the rationale is only read (DPO, scoring)."""
     decisions = encode_decisions(encoder, examples, desc)
     if rationales is not None:
-        decisions = [encoder.with_rationale(d, rationales[d.example.example_id])
-                     if d.example.example_id in rationales else d for d in decisions]
+        decisions = with_rationales(encoder, decisions, rationales, reasoning, train_rationales)
     fields: dict[str, list] = {
         "chosen": [-1 if ex.answer is None else ex.answer for ex in examples],
         "rejected": [list(ex.rejected) for ex in examples],

@@ -124,6 +124,24 @@ def dpo_examples(cfg: PipelineConfig, inputs) -> list:
     return subsample(kept, budget, d.seed, group=b.prefix_key)
 
 
+def own_rationales(cfg: PipelineConfig, model, encoder, examples: list, rows_of) -> dict:
+    """Under ``sft.reasoning: before_answer``, the ``decision_rows`` arguments that read every DPO decision's
+    answers after the SFT model's own rationale, as predict will: chosen and rejected share it, so its
+    log-probability cancels in the DPO margin and DPO trains the answer given the model's reasoning. Empty
+    otherwise. Greedy generation is deterministic, so every process writes the same rationales."""
+    if cfg.sft.reasoning != "before_answer":
+        return {}
+    from mmart.model.explain import write_rationales
+    from mmart.train.common import use_bf16
+    from mmart.train.data import encode_decisions
+
+    texts = write_rationales(model, encoder, encode_decisions(encoder, examples, "encode dpo"), "before_answer",
+                             cfg.sft.reasoning_max_tokens, rows_of, bf16=use_bf16(cfg.dpo.bf16, "dpo"))
+    say(f"[mmart dpo] reasoning: before_answer: the SFT model wrote a rationale before each of {len(texts)} "
+        "decisions' answers")
+    return {"rationales": texts, "reasoning": "before_answer", "train_rationales": False}
+
+
 def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_dir: str | Path | None = None,
             redo: bool = False) -> Path:
     """Train DPO on the SFT model and save ``<out>/model``; nothing when it is up to date (``redo``: anyway)."""
@@ -132,6 +150,9 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
     if cfg.dpo.method == "trl" and cfg.prompt.answer != "letter":
         raise UserError("dpo.method=trl scores completions with TRL's DPOTrainer, which needs prompt.answer=letter; "
                         "per_candidate answers train with dpo.method=fast")
+    if cfg.dpo.method == "trl" and cfg.sft.reasoning == "before_answer":
+        raise UserError("sft.reasoning=before_answer trains DPO with dpo.method=fast (the answers read after the "
+                        "SFT model's own rationale); dpo.method=trl builds its completions without one")
     check_trainer_extras(cfg)  # the whole config, before anything (the merged SFT model included) is written
     read_spec(sft_dir)  # a clear error when SFT has not run
     made = made_from(cfg, "dpo", model_dir=sft_dir)
@@ -145,21 +166,25 @@ def run_dpo(cfg: PipelineConfig, sft_model_dir: str | Path | None = None, out_di
     start_checkpoints("dpo", out, made, state, launch, redo)
     inputs = load_inputs(cfg)
     model, tokenizer, _ = load_chooser(base, dtype=cfg.model.dtype, device=device())
-    torch.manual_seed(cfg.model.seed)
-    m = cfg.model
-    model = add_lora(model, lora_config(m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target))
     if inputs.cache is not None:
         set_artwork_cache(model, inputs.cache.embeddings)
     d = cfg.dpo
     examples = dpo_examples(cfg, inputs)
     encoder, rows_of = encoder_for(inputs, model, tokenizer), cache_rows(inputs.cache)
+    reasoned = own_rationales(cfg, model, encoder, examples, rows_of)  # before the adapter: the SFT model's
+    torch.manual_seed(cfg.model.seed)
+    m = cfg.model
+    model = add_lora(model, lora_config(m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target))
     pack = d.pack_titles if d.method == "fast" else 1
-    rows = decision_rows(encoder, examples, rows_of, pack, desc="encode dpo")
+    rows = decision_rows(encoder, examples, rows_of, pack, desc="encode dpo", **reasoned)
     val = None
     if d.eval_examples and d.method == "fast":  # held-out logged preferences (the val split)
         pool = subsample(inputs.builder.preference_examples("val"), d.eval_examples, d.seed,
                          group=inputs.builder.prefix_key)
-        val = decision_rows(encoder, pool, rows_of, pack, desc="encode val", true_play=oracle_play(cfg.data_dir))
+        val = decision_rows(encoder, pool, rows_of, pack, desc="encode val", true_play=oracle_play(cfg.data_dir),
+                            # before_answer: val reads the answers after an empty rationale (no generation per eval)
+                            **({"rationales": {}, "reasoning": "before_answer", "train_rationales": False}
+                               if reasoned else {}))
     if freeze_projector_if_zero_lr(model, d.projector_lr):
         say("[mmart dpo] projector frozen (dpo.projector_lr = 0)")
     shared = common_args(d, out, slots=cfg.prompt.artwork_input == "embeddings", what="dpo", evaluate=val is not None)

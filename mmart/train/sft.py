@@ -6,8 +6,9 @@ cross-entropy of the softmax over the K scores against the played candidate (wei
 its importance weight), mixed with the cross-entropy against a teacher's choice
 distribution when ``sft.teacher`` is set. A packed batch's loss is the mean over its
 decisions, so it equals the mean of the same decisions' unpacked losses.
-With ``sft.reasoning: auxiliary`` the rows also hold each decision's rationale block, and the loss
-adds the rationale's next-token cross-entropy (``mmart.train.reasoning``).
+With ``sft.reasoning: auxiliary`` the rows also hold each decision's rationale block; with
+``before_answer`` each title block holds the rationale between the candidates and the answer. Either
+way the loss adds the rationale's next-token cross-entropy (``mmart.train.reasoning``).
 
 Run as: ``mmart sft --config configs/default.yaml`` (resumes from its last checkpoint).
 """
@@ -162,17 +163,20 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
         say("[mmart sft] warning: sft.examples=pairs without a teacher learns only from the played pairs")
     encoder, rows_of = encoder_for(inputs, model, tokenizer), cache_rows(inputs.cache)
     data = decision_rows(encoder, examples, rows_of, cfg.sft.pack_titles, teacher, cfg.sft.teacher_temperature,
-                         cfg.sft.propensity_clip, desc="encode sft", rationales=rationales)
+                         cfg.sft.propensity_clip, desc="encode sft", rationales=rationales, reasoning=cfg.sft.reasoning)
     if rationales is not None:
         said = sum(e.example_id in rationales for e in examples)
-        say(f"[mmart sft] reasoning: auxiliary, weight {cfg.sft.reasoning_weight}: {said} of {len(examples)} "
-            f"decisions with a rationale block ({rationale_table(cfg)})")
+        say(f"[mmart sft] reasoning: {cfg.sft.reasoning}, weight {cfg.sft.reasoning_weight}: {said} of "
+            f"{len(examples)} decisions with a rationale ({rationale_table(cfg)})")
     val = None
     if cfg.sft.eval_examples:  # every logged val decision of some members, as SFT sees train ones
         pool = inputs.builder.pair_examples("val", labels=True)
         val = decision_rows(encoder, subsample(pool, cfg.sft.eval_examples, cfg.sft.seed, group=inputs.builder.prefix_key),
                             rows_of, cfg.sft.pack_titles, teacher, cfg.sft.teacher_temperature, cfg.sft.propensity_clip,
-                            desc="encode val", true_play=oracle_play(cfg.data_dir))
+                            desc="encode val", true_play=oracle_play(cfg.data_dir),
+                            # before_answer: val reads the answer after an empty rationale (no generation per eval)
+                            **({"rationales": {}, "reasoning": "before_answer", "train_rationales": False}
+                               if cfg.sft.reasoning == "before_answer" else {}))
     if freeze_projector_if_zero_lr(model, cfg.sft.projector_lr):
         say("[mmart sft] projector frozen (sft.projector_lr = 0): the slots keep their stage-0 word alignment")
     shared = common_args(cfg.sft, out, slots=cfg.prompt.artwork_input == "embeddings", what="sft",

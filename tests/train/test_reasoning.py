@@ -151,9 +151,10 @@ def test_rationale_blocks_neither_change_scores_nor_see_other_titles(contract, a
 def test_the_record_changes_for_auxiliary_only(tmp_path) -> None:
     cfg = apply_overrides(PipelineConfig(), [f"data_dir={tmp_path}/data", f"output_dir={tmp_path}/out"])
     now = made_from(cfg, "sft")
-    assert RECORD_FORMAT == 3 and FIELDS_ADDED[3] == {"sft.reasoning": "none", "sft.reasoning_weight": 0.5}
+    assert RECORD_FORMAT >= 3 and FIELDS_ADDED[3] == {"sft.reasoning": "none", "sft.reasoning_weight": 0.5}
     older = {**now, "config": {**now["config"], "sft": {k: v for k, v in now["config"]["sft"].items()
-                                                        if k not in ("reasoning", "reasoning_weight")}}, "format": 2}
+                                                        if k not in ("reasoning", "reasoning_weight",
+                                                                     "reasoning_max_tokens")}}, "format": 2}
     assert differences(older, now) == []  # a model trained before the field existed is still fresh
     assert differences({**older, "format": 3}, now)  # a current record lacking them differs for real
     aux = made_from(apply_overrides(cfg, ["sft.reasoning=auxiliary"]), "sft")
@@ -164,13 +165,15 @@ def test_the_record_changes_for_auxiliary_only(tmp_path) -> None:
 
 
 BAD = [("sft.reasoning_weight=-1", r"sft\.reasoning_weight must be >= 0"),
-       ("sft.reasoning=chain", r"sft\.reasoning: 'chain' is not one of \['none', 'auxiliary'\]")]
+       ("sft.reasoning=chain", r"sft\.reasoning: 'chain' is not one of \['none', 'before_answer', 'auxiliary'\]"),
+       ("prompt.answer=per_candidate sft.reasoning=before_answer", r"sft\.reasoning=before_answer needs prompt\.answer: letter"),
+       ("sft.reasoning_max_tokens=0", r"sft\.reasoning_max_tokens must be >= 1")]
 
 
 @pytest.mark.parametrize("override,message", BAD)
 def test_bad_reasoning_settings_are_refused(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        apply_overrides(PipelineConfig(), [override])
+        apply_overrides(PipelineConfig(), override.split())
 
 
 def test_sft_refuses_a_missing_or_stale_table_and_writes_nothing(cfg, tmp_path) -> None:

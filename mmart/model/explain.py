@@ -1,0 +1,112 @@
+"""The trained chooser writes its own rationale (``sft.reasoning: before_answer | auxiliary``).
+
+Under ``before_answer`` the rationale is part of the answer: the model writes it in its answer
+turn, and the candidates' letters are read after it (``PromptEncoder.with_answer_after``). Under
+``auxiliary`` it is an explanation on request, written after the rationale block's cue as SFT
+taught it; the choice does not depend on it.
+
+Titles of one member share their member prefix: it is read once into a key/value cache, and each
+batch of that member's titles generates from copies of that cache (transformers' ``generate`` with
+a prefilled cache), so the history is not read again per title. Greedy, stopped at the end of the
+line (the rationale is one line; SFT closes it with a newline) or at ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mmart.examples import Decision, PromptEncoder
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """End of sequence, end of turn, and every token that is only a line break."""
+    stops = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for text in ("\n", "\n\n", "<|im_end|>", "<|eot_id|>"):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            stops.add(int(ids[0]))
+    return sorted(stops)
+
+
+def clean(text: str) -> str:
+    """The first line of what the model wrote, its spacing normalised (what ``with_answer_after`` reads)."""
+    line = text.split("\n", 1)[0]
+    return " ".join(line.split())
+
+
+@torch.inference_mode()
+def write_rationales(model: nn.Module, encoder: PromptEncoder, decisions: Sequence[Decision], reasoning: str,
+                     max_new_tokens: int, rows_of: Callable[[list[str]], list[int]] | None,
+                     batch_size: int = 16, bf16: bool = False, progress: bool = True) -> list[str]:
+    """Each decision's rationale, written by ``model`` behind its member prefix (aligned with ``decisions``).
+
+    ``rows_of``: artwork ids -> rows of the model's artwork cache (None for caption prompts).
+    """
+    from mmart.model.inference import scoring_context
+
+    dev = next(model.parameters()).device
+    groups: dict = {}
+    for i, d in enumerate(decisions):
+        groups.setdefault(d.prefix_key, []).append(i)
+    out: list[str] = [""] * len(decisions)
+    bar = tqdm(total=len(decisions), desc="write rationales", unit="title", leave=False, disable=not progress)
+    with scoring_context(dev, bf16):
+        for members in groups.values():
+            prefix = decisions[members[0]].prefix
+            cache = _prefix_cache(model, prefix.ids, _artworks(rows_of, [prefix.artworks], dev), dev)
+            for s in range(0, len(members), batch_size):
+                chunk = members[s: s + batch_size]
+                blocks = [encoder.rationale_prompt(decisions[i], reasoning) for i in chunk]
+                texts = _generate(model, encoder.tokenizer, prefix.ids, cache, blocks, rows_of, max_new_tokens, dev)
+                for i, text in zip(chunk, texts):
+                    out[i] = text
+                bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def _artworks(rows_of, lists: list[list[str]], dev: torch.device) -> torch.Tensor | None:
+    if rows_of is None or not any(lists):
+        return None
+    from mmart.model.batching import pad_artwork_ids
+
+    return pad_artwork_ids([rows_of(a) if a else [] for a in lists]).to(dev)
+
+
+def _prefix_cache(model: nn.Module, ids: list[int], artwork_ids, dev: torch.device):
+    from transformers import DynamicCache
+
+    from mmart.model.chooser import causal_lm_of
+
+    x = torch.tensor([ids], device=dev)
+    cache = DynamicCache(config=causal_lm_of(model).config)
+    kwargs = {"artwork_ids": artwork_ids} if artwork_ids is not None else {}
+    model(input_ids=x, attention_mask=torch.ones_like(x), cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
+    return cache
+
+
+def _generate(model: nn.Module, tokenizer, prefix_ids: list[int], cache, blocks, rows_of, max_new_tokens: int,
+              dev: torch.device) -> list[str]:
+    """Greedy continuations of ``blocks`` (each after the cached prefix): padding sits between the prefix and
+    a shorter block, masked, so every block's positions continue from the prefix as in training."""
+    from mmart.model.chooser import causal_lm_of
+    from mmart.model.prefix import repeated_cache
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(b.ids) for b in blocks)
+    ids = torch.tensor([prefix_ids + [pad] * (width - len(b.ids)) + list(b.ids) for b in blocks], device=dev)
+    mask = torch.tensor([[1] * len(prefix_ids) + [0] * (width - len(b.ids)) + [1] * len(b.ids) for b in blocks],
+                        device=dev)
+    kwargs = {}
+    arts = _artworks(rows_of, [b.artworks for b in blocks], dev)
+    if arts is not None:
+        kwargs["artwork_ids"] = arts  # the blocks' artworks only: the prefix's are in the cache
+    new = model.generate(input_ids=ids, attention_mask=mask, cache=repeated_cache(cache, len(blocks),
+                                                                                 causal_lm_of(model).config),
+                         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_token_ids(tokenizer),
+                         pad_token_id=pad, **kwargs)[:, ids.shape[1]:]
+    return [clean(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]

@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "member (their recent history with the artworks they played from, then one row per title with every "
             "candidate labelled with the model's probability; the model's choice, the played artwork and, on the "
             "demo world, the oracle's choice framed in distinct colours and labelled) and a self-contained "
-            "index.html linking them. Scores come from --preds (a `mmart predict` output) or, without it, from "
+            "index.html linking them. When the predictions carry the model's own rationale (a model trained with "
+            "sft.reasoning), it is shown under each title, as the model's words. Scores come from --preds (a `mmart predict` output) or, without it, from "
             "scoring the sampled members' pairs with --model. Example: mmart review --preds "
             "outputs/default/preds/dpo.parquet --data data/world --out outputs/default/review --members 8"
         ))

@@ -5,6 +5,8 @@ Layout (top to bottom)::
     header    member id, split, wins/losses against production, the legend of marks
     history   most recent first: played-from artwork thumbnail, title name, genres, rating
     rows      per title: name, genres, outcome | candidate thumbnails in the model's order
+              and, when the predictions carry one, the model's own rationale under the row
+              (wrapped, at most RATIONALE_MAX_LINES lines, cut with '...')
 
 Every candidate thumbnail sits inside three concentric rings, one per mark, always in the
 same place: outer = the model's choice, middle = the oracle's choice (demo world), inner =
@@ -64,6 +66,9 @@ THUMB_H = 128
 HISTORY_SCALE = 0.625  # history thumbnails: 60x80 for the demo world's 96x128
 HISTORY_W = 124
 HISTORY_MAX_LINES = 2
+RATIONALE_MAX_LINES = 3  # the page carries the whole text; the grid only needs to show the gist
+RATIONALE_LINE = 17
+RATIONALE_LABEL = "Why (the model's words): "
 
 
 @lru_cache(maxsize=None)
@@ -83,6 +88,7 @@ class GridLayout:
     thumbs: dict[tuple[str, str], tuple[int, int, int, int]] = field(default_factory=dict)  # (title, artwork) -> box
     marks: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # (title, artwork) -> mark keys
     history: list[tuple[int, int, int, int]] = field(default_factory=list)  # history thumbnail boxes
+    rationales: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)  # title -> its rationale's box
 
 
 def ring_box(thumb: tuple[int, int, int, int], ring: int) -> tuple[int, int, int, int]:
@@ -228,6 +234,7 @@ class _Sizes:
     label_slots: list[str]
     hist_h: int
     row_heights: list[int]
+    rationales: list[list[str]]  # per row, the wrapped rationale lines ([] without one)
     header_h: int
     width: int
     height: int
@@ -243,11 +250,24 @@ def _sizes(review: MemberReview, demo: bool, thumb: tuple[int, int]) -> _Sizes:
     k_max = max(len(r.candidates) for r in rows)
     hist_thumb = (round(tw * HISTORY_SCALE), round(th * HISTORY_SCALE))
     hist_h = 26 + hist_thumb[1] + 6 + HISTORY_MAX_LINES * 15 + 2 * LINE + 8 if review.history else 26 + LINE + 8
-    row_heights = [max(cell_h, _left_column_height(r, demo)) + 16 for r in rows]
     header_h = 30 + 22 + 22 + (len(MARKS) if demo else 2) * 18 + 10
     width = 2 * PAD + max(LEFT_W + k_max * cell_w, len(review.history) * HISTORY_W, 760)
+    rationales = [_rationale_lines(r, width - 2 * PAD) for r in rows]
+    row_heights = [max(cell_h, _left_column_height(r, demo)) + 16 + _rationale_height(lines)
+                   for r, lines in zip(rows, rationales)]
     height = PAD + header_h + hist_h + 10 + sum(row_heights) + PAD
-    return _Sizes(thumb, hist_thumb, cell_w, label_slots, hist_h, row_heights, header_h, width, height)
+    return _Sizes(thumb, hist_thumb, cell_w, label_slots, hist_h, row_heights, rationales, header_h, width, height)
+
+
+def _rationale_lines(row: TitleRow, width: int) -> list[str]:
+    """The labelled rationale wrapped to ``width``; none without a rationale, so such rows keep their height."""
+    if not row.rationale:
+        return []
+    return wrap(RATIONALE_LABEL + row.rationale, font(13), width, RATIONALE_MAX_LINES)
+
+
+def _rationale_height(lines: list[str]) -> int:
+    return RATIONALE_LINE * len(lines) + 6 if lines else 0
 
 
 def render_grid(review: MemberReview, split: str = "test", model_label: str = "model",
@@ -261,9 +281,10 @@ def render_grid(review: MemberReview, split: str = "test", model_label: str = "m
     layout = GridLayout(size=(sz.width, sz.height))
     y = _header(c, review, split, model_label, demo, PAD)
     y = _history_strip(c, layout, review, sz, y)
-    for row, row_h in zip(review.rows, sz.row_heights):
+    for row, row_h, lines in zip(review.rows, sz.row_heights, sz.rationales):
         _title_row(c, layout, row, sz, demo, y)
         y += row_h
+        _rationale(c, layout, row, lines, y)
     return c.image, layout
 
 
@@ -337,6 +358,15 @@ def _title_row(c: _Canvas, layout: GridLayout, row: TitleRow, sz: _Sizes, demo: 
         layout.thumbs[(row.title_id, cand.artwork_id)] = tbox
         layout.marks[(row.title_id, cand.artwork_id)] = keys
         _cell_labels(c, row, cand, keys, x, top + 2 * FRAME + th + 6, tw + 2 * FRAME, sz.label_slots, demo)
+
+
+def _rationale(c: _Canvas, layout: GridLayout, row: TitleRow, lines: list[str], row_bottom: int) -> None:
+    """The model's rationale under its title's candidates, ending 10 px above the next row's rule."""
+    if not lines:
+        return
+    y = row_bottom - RATIONALE_LINE * len(lines) - 10
+    c.lines(PAD, y, lines, 13, INK, RATIONALE_LINE)
+    layout.rationales[row.title_id] = (PAD, y, c.image.width - PAD, y + RATIONALE_LINE * len(lines))
 
 
 def _swatch(c: _Canvas, x: int, y: int, m: Mark) -> None:

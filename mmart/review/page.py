@@ -2,7 +2,9 @@
 
 No network, no external CSS or JS (a Content-Security-Policy forbids both, and scripts at all),
 images lazy-loaded from ``grids/``. Every string that comes from data (ids, names, genres,
-captions, paths) goes through :func:`esc`, so a title named ``<script>...`` is shown, not run.
+captions, paths, the model's rationales) goes through :func:`esc`, so a title named
+``<script>...`` is shown, not run. A model's rationale gets a row under its title's row; without
+any, the page is byte for byte what it was before rationales existed.
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ th { color: #555; font-weight: 600; }
 .muted { color: #5a5a5a; } .win { font-weight: 600; } .loss { font-weight: 600; }
 .grid { overflow-x: auto; } .grid img { display: block; max-width: none; border: 1px solid #e2e2e2; }
 """
+# Added only to pages that show a rationale: the title's row and its rationale's read as one.
+WHY_CSS = """tr.with-why td { border-bottom: 0; padding-bottom: 0; }
+td.why { padding: 2px 8px 6px 1.5em; overflow-wrap: anywhere; }
+"""
+WHY_LABEL = "Why (the model's words):"
 
 
 def _choice(row: TitleRow, artwork_id: str | None, with_prob: bool = True) -> str:
@@ -83,6 +90,11 @@ def _outcome(row: TitleRow) -> str:
     diff = (row.true_p(row.model_choice) or 0) - (row.true_p(row.production_choice) or 0)
     return {"win": f'<span class="win">win ({diff:+.2f})</span>', "loss": f'<span class="loss">loss ({diff:+.2f})</span>',
             "tie": "tie (same choice)"}[o]
+
+
+def _why_row(rationale: str, span: int) -> str:
+    """The model's own explanation, under its title and labelled as the model's (not a fact about the title)."""
+    return f'<tr><td class="why" colspan="{span}"><span class="muted">{WHY_LABEL}</span> {esc(rationale)}</td></tr>'
 
 
 def _member_section(i: int, g: GridFile, grids: list[GridFile], demo: bool) -> str:
@@ -112,7 +124,10 @@ def _member_section(i: int, g: GridFile, grids: list[GridFile], demo: bool) -> s
         cells.append(played)
         if demo:
             cells.append(_outcome(row))
-        out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        out.append(('<tr class="with-why">' if row.rationale else "<tr>")
+                   + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        if row.rationale:
+            out.append(_why_row(row.rationale, len(cells)))
     out.append("</tbody></table>")
     if r.history:
         recent = "; ".join(f"{h.name} ({', '.join(h.genres)}{f', rated {h.rating}/5' if h.rating else ''})"
@@ -141,6 +156,11 @@ def render_page(grids: list[GridFile], info: PageInfo) -> str:
     else:
         dl.append(("vs production", "unknown: the dataset has no oracle.parquet (real data), so true values, the "
                                     "oracle's and production's choices are not shown"))
+    n_why = sum(bool(row.rationale) for g in grids for row in g.review.rows)
+    if n_why:
+        dl.append(("rationales", f"{n_why} of {n_rows} titles: the model's own one-line explanation of its choice "
+                                 "(the predictions' rationale column), shown as written; it need not match the "
+                                 "probabilities"))
     legend = "".join(
         f'<li><span class="mark" style="border-color: rgb{m.frame}"></span><b>{m.label}</b>: {esc(m.meaning)} '
         f'({("outer", "middle", "inner")[m.ring]} frame)</li>'
@@ -160,7 +180,7 @@ def render_page(grids: list[GridFile], info: PageInfo) -> str:
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>mmart review: {esc(info.split)}, {len(grids)} members</title>
 <link rel="icon" href="data:,">
-<style>{CSS}</style>
+<style>{CSS + (WHY_CSS if n_why else "")}</style>
 </head>
 <body>
 <header>

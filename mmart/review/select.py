@@ -4,7 +4,9 @@ A review starts from scored member-title pairs (``mmart predict`` output: one ro
 impression, with the candidates in the order the model saw them and their probabilities),
 joins what the logs say (the played artwork, artworks shown without a play) and, on the demo
 world, what ``oracle.parquet`` says (true play probabilities; production's greedy choice),
-then applies the reviewer's filters and samples members with a seed.
+then applies the reviewer's filters and samples members with a seed. A model trained with
+reasoning may have written its own one-line explanation per pair (the optional ``rationale``
+column); that column is the only text of the model's a review shows.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from mmart.errors import UserError
 ORACLE_FILE = "oracle.parquet"
 OUTCOMES = ("wins", "losses")
 PRED_COLUMNS = ("user_id", "title_id", "candidates", "probs")
+RATIONALE_COLUMN = "rationale"  # optional: the model's own explanation of its choice, one per pair
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -51,6 +54,7 @@ class TitleRow:
     shown_no_play: list[str] = field(default_factory=list)  # shown and not played
     oracle_choice: str | None = None  # argmax true play probability (demo world)
     production_choice: str | None = None  # argmax of the logging model (demo world)
+    rationale: str | None = None  # the model's own explanation (the predictions' column), if it wrote one
 
     def true_p(self, artwork_id: str | None) -> float | None:
         return next((c.true_p for c in self.candidates if c.artwork_id == artwork_id), None)
@@ -140,13 +144,15 @@ def pairs_of_predictions(preds: pd.DataFrame, split: str, source: str) -> pd.Dat
         if preds.empty:
             raise UserError(f"{source} has no predictions for split {split!r} (it has {present}); "
                             f"pass --split {present[0] if present else 'test'} or predict that split")
+    # A pair's first impression row speaks for the pair (a rationale, when present, is the same on every row).
     pairs = preds.drop_duplicates(["user_id", "title_id"]).reset_index(drop=True)
     for row in pairs.itertuples(index=False):
         if len(row.candidates) != len(row.probs) or len(row.candidates) < 2:
             raise UserError(f"{source}: pair user_id={row.user_id}, title_id={row.title_id} has "
                             f"{len(row.candidates)} candidates and {len(row.probs)} probabilities; "
                             "rewrite the file with `mmart predict`")
-    return pairs[list(PRED_COLUMNS)]
+    optional = [RATIONALE_COLUMN] if RATIONALE_COLUMN in pairs else []
+    return pairs[list(PRED_COLUMNS) + optional]
 
 
 def decision_pairs(contract: Contract, split: str) -> pd.DataFrame:
@@ -194,7 +200,8 @@ def sample_members(user_ids, n: int, seed: int) -> list[str]:
 
 
 def rows_by_member(contract: Contract, scored: pd.DataFrame, split: str) -> dict[str, list[TitleRow]]:
-    """Per member, a :class:`TitleRow` for each scored pair (one row per pair of ``PRED_COLUMNS``)."""
+    """Per member, a :class:`TitleRow` for each scored pair (one row per pair of ``PRED_COLUMNS``, and
+    ``rationale`` when the predictions carry one)."""
     data_dir = contract.root
     artworks = contract.frame("artworks").set_index("artwork_id")
     titles = contract.frame("titles").set_index("title_id")
@@ -233,6 +240,7 @@ def rows_by_member(contract: Contract, scored: pd.DataFrame, split: str) -> dict
             model_choice=cands[int(np.argmax(probs))],
             played=next((a for a, played, _ in log if played), None),
             shown_no_play=list(dict.fromkeys(a for a, played, _ in log if not played)),
+            rationale=_rationale_text(getattr(p, RATIONALE_COLUMN, None)),
         )
         if truth:
             row.oracle_choice = max(cands, key=lambda a: truth[a][0])
@@ -321,3 +329,11 @@ def _int_or_none(v) -> int | None:
 
 def _str_or_none(v) -> str | None:
     return None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+
+
+def _rationale_text(v) -> str | None:
+    """The model's rationale, or None when it wrote none (missing, NaN/NA or blank all mean "none")."""
+    if v is None or (pd.api.types.is_scalar(v) and pd.isna(v)):
+        return None
+    text = str(v).strip()
+    return text or None

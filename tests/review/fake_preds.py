@@ -23,3 +23,11 @@ def fabricate_predictions(world: Path, split: str = "test", seed: int = 0) -> pd
         examples.append(SimpleNamespace(user_id=key.user_id, title_id=key.title_id, candidates=cands))
         probs.append(rng.dirichlet(np.ones(len(cands))))
     return predictions_frame(examples, probs, imps)  # the same rows `mmart predict` writes
+
+
+def with_rationales(preds: pd.DataFrame, texts: dict[tuple[str, str], object]) -> pd.DataFrame:
+    """``preds`` with the optional ``rationale`` column: ``texts[(user_id, title_id)]`` on every impression row of
+    the pair, None for pairs not in ``texts`` (a model that wrote none)."""
+    out = preds.copy()
+    out["rationale"] = [texts.get(key) for key in zip(out.user_id, out.title_id)]
+    return out

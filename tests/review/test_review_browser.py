@@ -228,3 +228,26 @@ def test_html_payloads_in_the_data_stay_text_in_the_browser(browser, world_copy,
     for kind, payload in PAYLOADS.items():
         assert payload in page["text"], f"the {kind} payload is not shown as text"
     assert not got["exceptions"], got["exceptions"]
+
+
+def test_html_payload_in_a_rationale_stays_text_in_the_browser(browser, tiny_world, tmp_path):
+    """The model's own rationale (the predictions' rationale column) holding markup renders as text."""
+    from mmart.review import Filters
+
+    from fake_preds import fabricate_predictions, with_rationales
+
+    preds = fabricate_predictions(tiny_world)
+    user = preds.iloc[0].user_id
+    payload = PAYLOADS["script"] + PAYLOADS["img"] + PAYLOADS["svg"]
+    preds = with_rationales(preds, {(user, t): payload for t in preds.title_id[preds.user_id == user]})
+    preds_path = tmp_path / "preds.parquet"
+    preds.to_parquet(preds_path, index=False)
+
+    index = run_review(tiny_world, tmp_path / "review", preds=preds_path, filters=Filters(member=user),
+                       progress=False).index
+    got = visit(browser, index.as_uri(), PROBE)
+    page = got["probe"]
+    assert page["pwned"] == "undefined"
+    assert (page["scripts"], page["svgs"], page["stray_imgs"], page["handlers"]) == (0, 0, 0, []), page
+    assert f"Why (the model's words): {payload}" in page["text"]
+    assert not got["exceptions"], got["exceptions"]

@@ -6,7 +6,8 @@ Each stage's output carries a record of what it was made from (``mmart.artefacts
 is up to date when that record equals what the stage would be made from now: the same config
 sections, the same dataset tables and cache, the same earlier stage's output. ``scripts/train.sh``
 runs a stage when this says it is not up to date, and every later stage follows, since each
-records the fingerprint of the output before it.
+records the fingerprint of the output before it. The rationales table is listed (before SFT, which
+records its fingerprint) only when ``sft.reasoning`` trains on it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 # scripts/train.sh's layout: predictions of each model, and the report's names for them.
 PREDICTED = {"dpo": "model", "sft": "sft", "init": "untrained"}
+STAGES = ["init", "rationales", "sft", "dpo", "predict", "eval"]
 
 
 def predicted(cfg) -> dict[str, str]:
@@ -28,16 +30,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         "status", help="which stages of a run are up to date with its config and inputs, and why not",
         description=(
             "Compare what each stage's output was made from (its made_from.json: config sections, dataset, cache, "
-            "the earlier stage's output) with what the config would make now, for the stages init, sft, dpo, "
-            "predict (preds/dpo, preds/sft, and preds/init with eval.untrained) and eval, laid out as scripts/train.sh lays them out under "
-            "output_dir. With --stage, exit 0 when that stage is up to date and 1 when it must run (train.sh uses "
-            "this); a stage whose inputs changed is never resumed from its old checkpoints."
+            "the earlier stage's output) with what the config would make now, for the stages init, rationales "
+            "(when sft.reasoning is not none), sft, dpo, predict (preds/dpo, preds/sft, and preds/init with "
+            "eval.untrained) and eval, laid out as scripts/train.sh lays them out under output_dir. With --stage, "
+            "exit 0 when that stage is up to date and 1 when it must run (train.sh uses this); a stage whose inputs "
+            "changed is never resumed from its old checkpoints."
         ))
     p.add_argument("--config", required=True, help="pipeline config YAML")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides")
-    p.add_argument("--stage", choices=["init", "sft", "dpo", "predict", "eval"], help="check one stage (exit code)")
+    p.add_argument("--stage", choices=STAGES, help="check one stage (exit code)")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing (with --stage: the exit code says)")
     p.set_defaults(func=_run)
+
+
+def stages(cfg) -> list[str]:
+    """The stages scripts/train.sh runs under this config: the rationales table only for an SFT that reads it."""
+    return [s for s in STAGES if s != "rationales" or cfg.sft.reasoning != "none"]
 
 
 def stage_status(cfg, stage: str) -> dict[str, list[str]]:
@@ -45,6 +53,11 @@ def stage_status(cfg, stage: str) -> dict[str, list[str]]:
     from mmart.artefacts import made_from, stale
 
     out = Path(cfg.output_dir)
+    if stage == "rationales":  # the table train.sh writes: rationale.teacher's, where SFT reads it
+        from mmart.rationale.record import rationale_made_from, rationale_table
+
+        table = rationale_table(cfg)
+        return {str(table): stale(table, rationale_made_from(cfg, cfg.rationale.teacher))}
     if stage in ("init", "sft", "dpo"):
         path = out / stage / "model"
         return {str(path): stale(path, made_from(cfg, stage))}
@@ -60,12 +73,11 @@ def _run(args: argparse.Namespace) -> int:
     from mmart.config import PipelineConfig, load_config
 
     cfg = load_config(PipelineConfig, args.config, args.set)
-    stages = [args.stage] if args.stage else ["init", "sft", "dpo", "predict", "eval"]
     fresh = True
-    for stage in stages:
+    for stage in [args.stage] if args.stage else stages(cfg):
         for path, why in stage_status(cfg, stage).items():
             fresh &= not why
             if not args.quiet:
-                print(f"{stage:<8} {'up to date' if not why else 'must run'}: {path}"
+                print(f"{stage:<10} {'up to date' if not why else 'must run'}: {path}"
                       + ("" if not why else f" ({'; '.join(why)})"))
     return 0 if fresh or not args.stage else 1

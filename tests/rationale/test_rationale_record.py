@@ -71,3 +71,36 @@ def test_the_rationale_section_leaves_the_other_stages_records_as_they_were():
 def test_a_template_with_an_unknown_field_is_refused_when_the_config_loads():
     with pytest.raises(ConfigError, match=r"rationale.template must be .*not \{member\}"):
         apply_overrides(PipelineConfig(), ["rationale.template=Why {target} for {member}?"])
+
+
+def test_status_lists_the_table_only_for_an_sft_that_reads_it_and_says_when_it_must_run(rcfg, tmp_path, capsys):
+    """`mmart status`: missing, then up to date once written, then must run when the teacher's settings change."""
+    import yaml
+
+    from mmart.cli import main
+    from mmart.config import to_dict
+    from mmart.rationale.record import rationale_table
+    from mmart.status import stage_status, stages
+
+    assert "rationales" not in stages(rcfg)  # sft.reasoning: none reads no table
+    cfg = apply_overrides(rcfg, ["sft.reasoning=auxiliary"])
+    assert stages(cfg) == ["init", "rationales", "sft", "dpo", "predict", "eval"]
+    table = str(rationale_table(cfg))
+    assert stage_status(cfg, "rationales") == {table: ["missing"]}
+
+    run_rationales(cfg)  # where train.sh writes it, with rationale.teacher (taste)
+    assert stage_status(cfg, "rationales") == {table: []}
+    fewer = apply_overrides(cfg, ["rationale.evidence=1"])
+    assert stage_status(fewer, "rationales") == {table: ["config.taste.evidence: 2 -> 1"]}
+    (why,) = stage_status(apply_overrides(cfg, ["rationale.teacher=llm"]), "rationales").values()
+    assert "config.teacher: taste -> llm" in why
+
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    capsys.readouterr()
+    assert main(["status", "--config", str(tmp_path / "pipeline.yaml")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines][:3] == ["init", "rationales", "sft"]
+    assert lines[1] == f"rationales up to date: {table}"
+    config = ["--config", str(tmp_path / "pipeline.yaml"), "--stage", "rationales", "-q"]
+    assert main(["status", *config]) == 0
+    assert main(["status", *config, "--set", "rationale.evidence=1"]) == 1

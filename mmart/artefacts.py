@@ -147,11 +147,16 @@ def made_from(cfg: Any, stage: str, model_dir: str | Path | None = None, preds: 
     return {"stage": stage, "config": config, "inputs": inputs}
 
 
-def eval_made_from(data_dir: str | Path, preds: dict[str, str | Path], n_boot: int, seed: int) -> dict:
-    """What a report is made from: the dataset, each predictions file, the bootstrap settings."""
-    predictions = {k: sha256_files([Path(v)])[:16] if Path(v).is_file() else None for k, v in sorted(preds.items())}
-    return {"stage": "eval", "config": {"n_boot": n_boot, "seed": seed},
-            "inputs": {"data": data_fingerprint(data_dir), "predictions": predictions}}
+def eval_made_from(data_dir: str | Path, preds: dict[str, str | Path], n_boot: int, seed: int,
+                   fuse_val: dict[str, str | Path] | None = None) -> dict:
+    """What a report is made from: the dataset, each predictions file (and each --fuse-val file, when any),
+    the bootstrap settings."""
+    digest = lambda files: {k: sha256_files([Path(v)])[:16] if Path(v).is_file() else None  # noqa: E731
+                            for k, v in sorted(files.items())}
+    inputs = {"data": data_fingerprint(data_dir), "predictions": digest(preds)}
+    if fuse_val:
+        inputs["fuse_val"] = digest(fuse_val)
+    return {"stage": "eval", "config": {"n_boot": n_boot, "seed": seed}, "inputs": inputs}
 
 
 def predict_made_from(model_dir: str | Path | None, data_dir: str | Path, cache_dir: str | Path | None, split: str,

@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "slice (the uniformly-logged slice is unbiased), IPS/SNIPS/DR on each pair's first logged impression, "
             "the true value from oracle.parquet, lift over production and the share of the gap to the taste oracle "
             "and to the oracle closed, paired differences (every model minus production, plus each --diff), and the "
-            "slice of titles in no training decision, each with a 95% bootstrap interval over pairs. Opens with a "
+            "slice of titles in no training decision, each with a 95% bootstrap interval over pairs. --fuse adds a "
+            "model fused with the teacher as a policy of its own, its weights fit on val predictions. Opens with a "
             "one-line verdict per model. Writes report.json, report.md, policy_values.png and "
             "estimators_vs_truth.png into --out, and each scored model's headline numbers into the model card "
             "(README.md) of the folder `mmart predict` scored; docs/evaluation.md says what each number means."
@@ -31,13 +32,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=cli_number(int, seeds), default=0, help="bootstrap seed")
     p.add_argument("--diff", action="append", default=[], metavar="A-B",
                    help="a paired difference to report, e.g. model-sft or model-text (repeatable; names from --pred, "
-                        "teacher, production, popularity, random, taste_oracle, oracle); every --pred model minus "
-                        "production is always reported")
+                        "teacher, each --fuse NAME+teacher, production, popularity, random, taste_oracle, oracle); "
+                        "every --pred model minus production is always reported")
     p.add_argument("--config", default=None,
                    help="the run's resolved pipeline config, recorded in report.json (default: pipeline.yaml beside "
                         "the first --pred file or one folder up, as scripts/train.sh writes it)")
     p.add_argument("--teacher", action="append", default=None, choices=["reward_model", "taste"],
                    help="teacher(s) to show as policies (default: the run config's sft.teacher, else taste)")
+    p.add_argument("--fuse", action="append", default=[], metavar="NAME",
+                   help="add the policy NAME+teacher (NAME among --pred): the argmax of a * log p_model + b * log "
+                        "p_teacher, a fusion of the model with the (first) teacher, not the model alone; (a, b) are "
+                        "fit on --fuse-val NAME=..., never on the evaluated split, and printed in the report "
+                        "(repeatable; --diff NAME+teacher-teacher compares it with the teacher)")
+    p.add_argument("--fuse-val", action="append", default=[], metavar="NAME=PATH",
+                   help="the same model's predictions on the val split for --fuse NAME (`mmart predict --model ... "
+                        "--split val --out ...`): (a, b) are a conditional logit of the played artwork over its "
+                        "played impressions, each weighted by min(1/propensity, 10)")
     p.set_defaults(func=_run)
 
 
@@ -51,10 +61,16 @@ def _run(args: argparse.Namespace) -> int:
             raise UserError(f"--pred {item!r}: expected NAME=PATH, e.g. model=outputs/default/preds.parquet")
         name, path = item.split("=", 1)
         preds[name] = path
+    fuse_val = {}
+    for item in args.fuse_val:
+        if "=" not in item:
+            raise UserError(f"--fuse-val {item!r}: expected NAME=PATH, e.g. model=outputs/default/preds/val.parquet")
+        name, path = item.split("=", 1)
+        fuse_val[name] = path
     from mmart.artefacts import eval_made_from, write_record
 
     evaluate(args.data, preds, args.out, args.split, args.n_boot, args.seed, config=args.config, diffs=args.diff,
-             teachers=args.teacher)
-    write_record(args.out, eval_made_from(args.data, preds, args.n_boot, args.seed))
+             teachers=args.teacher, fuse=args.fuse, fuse_val=fuse_val)
+    write_record(args.out, eval_made_from(args.data, preds, args.n_boot, args.seed, fuse_val))
     print((__import__("pathlib").Path(args.out) / "report.md").read_text())
     return 0

@@ -13,8 +13,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from mmart.artefacts import read_record
 from mmart.data.contract import UNIFORM_POLICY, load_contract
 from mmart.errors import UserError
+from mmart.eval import fusion as fus
 from mmart.eval import policies as pol
 from mmart.eval.bootstrap import format_estimate as _fmt
 from mmart.eval.cards import update_model_cards
@@ -36,9 +38,9 @@ def _fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def read_predictions(name: str, path: str | Path) -> pd.DataFrame:
-    """A ``mmart predict`` Parquet file, or a one-line error naming it."""
-    where = f"--pred {name}={path}"
+def read_predictions(name: str, path: str | Path, flag: str = "--pred") -> pd.DataFrame:
+    """A ``mmart predict`` Parquet file, or a one-line error naming it (as ``flag NAME=PATH``)."""
+    where = f"{flag} {name}={path}"
     if not Path(path).is_file():
         raise UserError(f"{where}: no such file; write it with `mmart predict --out {path}`")
     try:
@@ -116,21 +118,27 @@ def _teacher_kinds(teachers: list[str] | None, config: dict) -> list[str]:
 
 def evaluate(data_dir: str | Path, preds: dict[str, str | Path], out_dir: str | Path, split: str = "test",
              n_boot: int = 1000, seed: int = 0, config: str | Path | dict | None = None,
-             diffs: list[str] | None = None, teachers: list[str] | None = None) -> dict:
+             diffs: list[str] | None = None, teachers: list[str] | None = None, fuse: list[str] | None = None,
+             fuse_val: dict[str, str | Path] | None = None) -> dict:
     """Score every policy on the pairs the predictions share; write report.json, report.md and the plots,
     and the headline numbers into the model card of each scored model (``mmart.eval.cards``).
 
     ``diffs``: paired differences "A-B" to add to every scored model minus production.
     ``teachers``: teacher kinds to show as policies (default: the one the run's SFT used, else the default).
+    ``fuse``: --pred names to fuse with the (first) teacher as policies ``NAME+teacher`` (``mmart.eval.fusion``),
+    their weights fit on ``fuse_val[NAME]``, the same model's predictions on the val split.
     """
     data_dir, out = Path(data_dir), Path(out_dir)
     if not preds:
         raise UserError("give at least one scored model: --pred NAME=preds.parquet (from `mmart predict`)")
     frames = {name: read_predictions(name, p) for name, p in preds.items()}
     pairs = common_pairs(frames, preds)
+    fuse_val = _fuse_requests(fuse or [], fuse_val or {}, preds, data_dir, split)
     resolved, config_source = resolve_config(config, preds)
     contract = load_contract(data_dir, check=False)
-    _check_pairs_in_split(contract, pairs, preds, data_dir, split)
+    first = next(iter(preds))
+    _check_pairs_in_split(contract, pairs, f"--pred {first}={preds[first]}", data_dir, split)
+    val_frames = {n: _read_val(contract, n, p, preds[n], data_dir) for n, p in fuse_val.items()}
     es = pol.eval_set(contract, split, pairs, data_dir / "oracle.parquet")
     rates = pol.artwork_play_rates(contract)
 
@@ -141,7 +149,9 @@ def evaluate(data_dir: str | Path, preds: dict[str, str | Path], out_dir: str | 
     shown_q = q_hat[es.impressions.pair.to_numpy(), es.impressions.shown.to_numpy()]
     played = es.impressions.played.to_numpy(dtype=float)
 
-    policies = _policies(es, frames, kinds, fitted, rates)
+    fusions = {fus.fused_name(n): fus.fit_fusion(n, v, str(fuse_val[n]), fitted[kinds[0]], kinds[0])
+               for n, v in val_frames.items()}
+    policies = _policies(es, frames, kinds, fitted, rates, fusions)
     results = _policy_results(es, policies, n_boot, seed, q_hat)
     wanted = [(name, BASELINE) for name in frames if BASELINE in policies]
     wanted += [parse_diff(d, list(policies)) for d in diffs or []]
@@ -159,6 +169,7 @@ def evaluate(data_dir: str | Path, preds: dict[str, str | Path], out_dir: str | 
         "predictions": {k: str(v) for k, v in preds.items()},
         "verdicts": _verdicts(frames, differences, results),
         "teachers": kinds,
+        "fusions": {n: f.as_dict() for n, f in fusions.items()},
         "reward_model": {  # DR's model, fit on train; its fit on the evaluated impressions, vs a constant
             "kind": reward_model.kind,
             "log_loss": log_loss(shown_q, played),
@@ -177,25 +188,69 @@ def evaluate(data_dir: str | Path, preds: dict[str, str | Path], out_dir: str | 
     return report
 
 
-def _check_pairs_in_split(contract, pairs, preds: dict, data_dir: Path, split: str) -> None:
+def _check_pairs_in_split(contract, pairs, where: str, data_dir: Path, split: str) -> None:
     """Predictions of another dataset or split would be scored against the wrong outcomes: refuse them."""
     imps = contract.frame("impressions")
     known = set(zip(imps.user_id[imps.split == split], imps.title_id[imps.split == split]))
     outside = [p for p in pairs if p not in known]
     if outside:
-        first = next(iter(preds))
-        raise UserError(f"--pred {first}={preds[first]}: {len(outside)} scored pairs, e.g. {outside[0]}, are not "
+        raise UserError(f"{where}: {len(outside)} scored pairs, e.g. {outside[0]}, are not "
                         f"{split} pairs of {data_dir}; score this dataset's split: mmart predict --data {data_dir} "
                         f"--split {split}")
 
 
-def _policies(es, frames: dict, kinds: list[str], fitted: dict, rates) -> dict[str, np.ndarray]:
-    """Every policy the report scores, in the report's order: the models, the teachers, production (demo only),
-    the cheap baselines, then the oracles (demo only)."""
+def _fuse_requests(fuse: list[str], fuse_val: dict, preds: dict, data_dir: Path, split: str) -> dict:
+    """``--fuse`` names with their ``--fuse-val`` files, or a one-line refusal before anything is fit."""
+    for name in fuse:
+        if name not in preds:
+            raise UserError(f"--fuse {name}: not among the --pred names ({', '.join(preds)}); fuse a scored model")
+        if fus.fused_name(name) in preds:
+            raise UserError(f"--fuse {name}: a --pred is already named {fus.fused_name(name)}; rename it")
+        if name not in fuse_val:
+            raise UserError(f"--fuse {name} needs --fuse-val {name}=VAL.parquet, the same model's predictions on the "
+                            f"val split (the fusion weights are fit there, never on {split}): "
+                            + _val_predict(preds[name], data_dir, "VAL.parquet"))
+    stray = [n for n in fuse_val if n not in fuse]
+    if stray:
+        raise UserError(f"--fuse-val {stray[0]}=...: no --fuse {stray[0]} to fit it for; add --fuse {stray[0]}")
+    if fuse and split == "val":
+        raise UserError("--fuse fits its weights on val, the split evaluated here: evaluate --split test")
+    return {n: fuse_val[n] for n in dict.fromkeys(fuse)}
+
+
+def _val_predict(pred_path, data_dir: Path, out) -> str:
+    """The command that writes the val predictions, with the model ``pred_path`` scored when its record says."""
+    model = (read_record(pred_path) or {}).get("model_dir") or "MODEL_DIR"
+    return f"mmart predict --model {model} --data {data_dir} --split val --out {out}"
+
+
+def _read_val(contract, name: str, path, pred_path, data_dir: Path) -> pd.DataFrame:
+    """The ``--fuse-val`` file: predictions on the val split of this dataset by the model ``--pred name`` scored."""
+    where = f"--fuse-val {name}={path}"
+    frame = read_predictions(name, path, flag="--fuse-val")
+    splits = sorted(set(frame["split"].astype(str))) if "split" in frame else ["no split column"]
+    if splits != ["val"]:
+        raise UserError(f"{where}: holds predictions on {', '.join(splits)}, not val; the fusion weights are fit on "
+                        "val only: " + _val_predict(pred_path, data_dir, path))
+    _check_pairs_in_split(contract, list(zip(frame.user_id, frame.title_id)), where, data_dir, "val")
+    models = [((read_record(p) or {}).get("inputs") or {}).get("model") for p in (pred_path, path)]
+    if all(models) and models[0] != models[1]:
+        raise UserError(f"{where}: scored another model than --pred {name}={pred_path} (their records differ); "
+                        "fuse a model with its own val predictions")
+    return frame
+
+
+def _policies(es, frames: dict, kinds: list[str], fitted: dict, rates,
+              fusions: dict[str, fus.Fusion] | None = None) -> dict[str, np.ndarray]:
+    """Every policy the report scores, in the report's order: the models, the teachers, the fusions, production
+    (demo only), the cheap baselines, then the oracles (demo only)."""
     policies: dict[str, np.ndarray] = {name: pol.model_policy(es, f, name=name) for name, f in frames.items()}
+    tables = {k: fitted[k].table(es.pairs.user_id, es.pairs.candidates, es.mask.shape[1]) for k in kinds}
     for k in kinds:
-        name = "teacher" if len(kinds) == 1 else f"teacher_{k}"
-        policies[name] = pol.scores_policy(es, fitted[k].table(es.pairs.user_id, es.pairs.candidates, es.mask.shape[1]))
+        policies["teacher" if len(kinds) == 1 else f"teacher_{k}"] = pol.scores_policy(es, tables[k])
+    for name, f in (fusions or {}).items():
+        p_model = pol.model_policy(es, frames[f.model], greedy=False, name=f.model)
+        policies[name] = pol.scores_policy(es, fus.fused_scores(p_model, tables[f.teacher], es.mask, f.a, f.b))
     if es.p_play is not None:
         policies[BASELINE] = pol.production_policy(es)
     policies["popularity"] = pol.popularity_policy(es, rates)
@@ -282,6 +337,12 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {_fmt(m.get('hit_rate_uniform'))} | {_fmt(m.get('hit_rate_uniform_expected'))} | "
                      f"{_fmt(m.get('ips'))} | {_fmt(m.get('snips'))} | {_fmt(m.get('dr'))} | "
                      f"{_fmt(m.get('true_value'))} | {lift_txt} | {_fmt(m.get('gap_closed_taste'), pct=True)} |")
+    for name, f in (report.get("fusions") or {}).items():
+        lines += ["", f"{name} is a fusion, not {f['model']} alone: the argmax of a * log p_{f['model']} + b * log "
+                  f"p_teacher ({f['teacher']}), (a, b) = ({f['a']:.3f}, {f['b']:.3f}) fit on the "
+                  f"{f['played_impressions']} played val impressions of {f['val']} (a conditional logit of the "
+                  f"played artwork, each play weighted by min(1/propensity, {f['propensity_clip']:g}), L2 {f['l2']:g}); "
+                  f"never on {report['split']}."]
     gaps = {n: m["gap_closed"] for n, m in pols.items() if "gap_closed" in m and n not in ("oracle",)}
     if gaps:
         lines += ["", "Share of the production-to-oracle gap closed (the oracle also knows the unlearnable noise): "

@@ -155,18 +155,21 @@ def feature_names(cat: Catalog) -> list[str]:
 
 
 def fit_conditional_logit(x: np.ndarray, mask: np.ndarray, chosen: np.ndarray, l2: float = 1e-4,
-                          steps: int = 30) -> np.ndarray:
-    """Weights of P(k) = softmax_k(x[n, k] @ w) maximising the log-likelihood of ``chosen`` (L2), by Newton."""
+                          steps: int = 30, weight: np.ndarray | None = None) -> np.ndarray:
+    """Weights of P(k) = softmax_k(x[n, k] @ w) maximising the (``weight``ed) log-likelihood of ``chosen`` (L2),
+    by Newton."""
     target = np.zeros(mask.shape)
     target[np.arange(len(chosen)), chosen] = 1.0
-    return fit_soft_conditional_logit(x, mask, target, l2, steps)
+    return fit_soft_conditional_logit(x, mask, target, l2, steps, weight)
 
 
 def fit_soft_conditional_logit(x: np.ndarray, mask: np.ndarray, target: np.ndarray, l2: float = 1e-4,
-                               steps: int = 30) -> np.ndarray:
+                               steps: int = 30, weight: np.ndarray | None = None) -> np.ndarray:
     """Weights of P(k) = softmax_k(x[n, k] @ w) closest in cross-entropy (L2) to ``target [N, K]``, a
-    distribution over each row's candidates (one-hot: a choice), by Newton."""
+    distribution over each row's candidates (one-hot: a choice), by Newton. ``weight [N]``: each row's
+    weight in the likelihood (e.g. importance weights; default 1)."""
     n, _, f = x.shape
+    rw = np.ones(n) if weight is None else np.asarray(weight, dtype=float)
     w = np.zeros(f)
     penalty = l2 * n * np.eye(f)
     xt = np.einsum("nk,nkf->nf", target, x)
@@ -175,9 +178,9 @@ def fit_soft_conditional_logit(x: np.ndarray, mask: np.ndarray, target: np.ndarr
         p = np.exp(s - s.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
         xbar = np.einsum("nk,nkf->nf", p, x)
-        grad = (xt - xbar).sum(0) - penalty @ w
-        xs = (x * np.sqrt(p)[..., None]).reshape(-1, f)
-        step = np.linalg.solve(xs.T @ xs - xbar.T @ xbar + penalty, grad)
+        grad = (rw[:, None] * (xt - xbar)).sum(0) - penalty @ w
+        xs = (x * np.sqrt(rw[:, None] * p)[..., None]).reshape(-1, f)
+        step = np.linalg.solve(xs.T @ xs - (rw[:, None] * xbar).T @ xbar + penalty, grad)
         w += step
         if float(np.abs(step).max()) < 1e-8:
             break

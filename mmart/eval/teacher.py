@@ -169,7 +169,7 @@ def fit_soft_conditional_logit(x: np.ndarray, mask: np.ndarray, target: np.ndarr
     distribution over each row's candidates (one-hot: a choice), by Newton. ``weight [N]``: each row's
     weight in the likelihood (e.g. importance weights; default 1)."""
     n, _, f = x.shape
-    rw = np.ones(n) if weight is None else np.asarray(weight, dtype=float)
+    rw = None if weight is None else np.asarray(weight, dtype=float)  # None: the unweighted sums, bit for bit
     w = np.zeros(f)
     penalty = l2 * n * np.eye(f)
     xt = np.einsum("nk,nkf->nf", target, x)
@@ -178,9 +178,14 @@ def fit_soft_conditional_logit(x: np.ndarray, mask: np.ndarray, target: np.ndarr
         p = np.exp(s - s.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
         xbar = np.einsum("nk,nkf->nf", p, x)
-        grad = (rw[:, None] * (xt - xbar)).sum(0) - penalty @ w
-        xs = (x * np.sqrt(rw[:, None] * p)[..., None]).reshape(-1, f)
-        step = np.linalg.solve(xs.T @ xs - (rw[:, None] * xbar).T @ xbar + penalty, grad)
+        if rw is None:
+            grad = (xt - xbar).sum(0) - penalty @ w
+            xs = (x * np.sqrt(p)[..., None]).reshape(-1, f)
+            step = np.linalg.solve(xs.T @ xs - xbar.T @ xbar + penalty, grad)
+        else:
+            grad = (rw[:, None] * (xt - xbar)).sum(0) - penalty @ w
+            xs = (x * np.sqrt(rw[:, None] * p)[..., None]).reshape(-1, f)
+            step = np.linalg.solve(xs.T @ xs - (rw[:, None] * xbar).T @ xbar + penalty, grad)
         w += step
         if float(np.abs(step).max()) < 1e-8:
             break

@@ -23,7 +23,8 @@ RECORD = "made_from.json"
 TABLES = ("titles", "artworks", "users", "impressions")
 STAGES = ("init", "sft", "dpo", "predict", "eval")
 # Settings that change how a stage reports or checkpoints, not what it makes.
-NOT_SHAPING = {"logging_steps", "save_steps", "report_to", "eval_steps"}
+# reasoning_max_tokens shapes what the trained model generates, not the SFT model: DPO and predict record it.
+NOT_SHAPING = {"logging_steps", "save_steps", "report_to", "eval_steps", "reasoning_max_tokens"}
 # Keys of a record that say where an input was, not what it was: never compared (a moved run stays fresh).
 WHERE = ("model_dir",)
 # Keys about the artefact itself, checked apart from what it was made from: ``output``, a saved model's own
@@ -34,12 +35,11 @@ OWN = ("output", "launch")
 # under the new format with the value that does what every stage did before it existed: a record of an older
 # format lacks the field and still matches while the config keeps that value, so upgrading mmart does not retrain
 # what the new field would not change. A record of the current format that lacks a field differs for real.
-RECORD_FORMAT = 4
+RECORD_FORMAT = 3
 FIELDS_ADDED: dict[int, dict[str, Any]] = {
     2: {"prompt.history_genres": 0, "dpo.negatives": "all", "prompt.candidate_context": "title",
         "prompt.history_summary_margins": "numbers"},
     3: {"sft.reasoning": "none", "sft.reasoning_weight": 0.5},
-    4: {"sft.reasoning_max_tokens": 64},
 }
 # Keys about the record itself: never compared.
 META = ("format",)
@@ -120,7 +120,8 @@ def made_from(cfg: Any, stage: str, model_dir: str | Path | None = None, preds: 
         e = cfg.eval
         return predict_made_from(model_dir, cfg.data_dir, cfg.cache_dir if embeddings else None, e.split, e.max_pairs,
                                  e.pairs, e.seed, use_bf16(e.bf16), e.candidate_orders,
-                                 explain=cfg.sft.reasoning == "before_answer")
+                                 explain=cfg.sft.reasoning == "before_answer",
+                                 reasoning_max_tokens=cfg.sft.reasoning_max_tokens)
     if stage == "eval":
         return eval_made_from(cfg.data_dir, preds or {}, cfg.eval.n_boot, cfg.eval.seed)
     if stage not in ("init", "sft", "dpo"):
@@ -143,6 +144,8 @@ def made_from(cfg: Any, stage: str, model_dir: str | Path | None = None, preds: 
             inputs["rationales"] = sha256_files([table])[:16] if table.is_file() else None
     if stage == "dpo":
         config["dpo"] = _section(cfg, "dpo")
+        if cfg.sft.reasoning == "before_answer":  # its rows read the SFT model's own rationales, this long at most
+            config["reasoning_max_tokens"] = cfg.sft.reasoning_max_tokens
         inputs["sft"] = model_fingerprint(model_dir or out / "sft" / "model")
     return {"stage": stage, "config": config, "inputs": inputs}
 
@@ -161,7 +164,7 @@ def eval_made_from(data_dir: str | Path, preds: dict[str, str | Path], n_boot: i
 
 def predict_made_from(model_dir: str | Path | None, data_dir: str | Path, cache_dir: str | Path | None, split: str,
                       max_pairs: int, slice_: str, seed: int, bf16: bool, candidate_orders: int = 1,
-                      explain: bool = False) -> dict:
+                      explain: bool = False, reasoning_max_tokens: int | None = None) -> dict:
     """What a predictions file is made from: the model, the data and cache, which pairs, and the precision.
 
     ``candidate_orders`` (above 1) and ``explain`` (the model wrote rationales) are recorded only when set, so
@@ -172,8 +175,9 @@ def predict_made_from(model_dir: str | Path | None, data_dir: str | Path, cache_
     config = {"split": split, "max_pairs": max_pairs, "slice": slice_, "seed": seed, "bf16": bool(bf16)}
     if candidate_orders != 1:
         config["candidate_orders"] = candidate_orders
-    if explain:
+    if explain:  # the model wrote rationales, at most this long
         config["explain"] = True
+        config["reasoning_max_tokens"] = reasoning_max_tokens
     return {"stage": "predict", "inputs": inputs, "config": config}
 
 

@@ -176,7 +176,7 @@ def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | 
     if out:
         record = None if chosen_pairs else predict_made_from(
             model_dir, data_dir, cfg.cache_dir if inputs.cache is not None else None, split, max_pairs, slice_, seed,
-            bf16, orders, explain)
+            bf16, orders, explain, cfg.sft.reasoning_max_tokens)
         _write_predictions(frame, Path(out), record, model_dir)
     if progress:  # the one summary line of a console run
         from mmart.log import say

@@ -5,10 +5,13 @@ turn, and the candidates' letters are read after it (``PromptEncoder.with_answer
 ``auxiliary`` it is an explanation on request, written after the rationale block's cue as SFT
 taught it; the choice does not depend on it.
 
-Titles of one member share their member prefix: it is read once into a key/value cache, and each
-batch of that member's titles generates from copies of that cache (transformers' ``generate`` with
-a prefilled cache), so the history is not read again per title. Greedy, stopped at the end of the
-line (the rationale is one line; SFT closes it with a newline) or at ``max_new_tokens``.
+Titles of one member share their member prefix: where a member has at least ``SHARED_PREFIX_MIN``
+titles (a home page, an evaluation's packed pairs), the prefix is read once into a key/value cache
+and that member's titles generate from copies of it (transformers' ``generate`` with a prefilled
+cache), so the history is not read again per title. Members with fewer titles are pooled into
+batches of whole prompts (left-padded): on a CPU, decoding one or two rows at a time costs nearly
+what a batch of sixteen does. Greedy, stopped at the end of the line (the rationale is one line;
+SFT closes it with a newline) or at ``max_new_tokens``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mmart.examples import Decision, PromptEncoder
+from mmart.examples import Decision, PromptEncoder, Segment
+
+SHARED_PREFIX_MIN = 4  # titles of one member prefix from which they generate from its cache
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -53,19 +58,37 @@ def write_rationales(model: nn.Module, encoder: PromptEncoder, decisions: Sequen
     for i, d in enumerate(decisions):
         groups.setdefault(d.prefix_key, []).append(i)
     out: list[str] = [""] * len(decisions)
+    pooled = [i for members in groups.values() if len(members) < SHARED_PREFIX_MIN for i in members]
     bar = tqdm(total=len(decisions), desc="write rationales", unit="title", leave=False, disable=not progress)
+    tok = encoder.tokenizer
     with scoring_context(dev, bf16):
         for members in groups.values():
+            if len(members) < SHARED_PREFIX_MIN:
+                continue
             prefix = decisions[members[0]].prefix
             cache = _prefix_cache(model, prefix.ids, _artworks(rows_of, [prefix.artworks], dev), dev)
             for s in range(0, len(members), batch_size):
                 chunk = members[s: s + batch_size]
                 blocks = [encoder.rationale_prompt(decisions[i], reasoning) for i in chunk]
-                texts = _generate(model, encoder.tokenizer, prefix.ids, cache, blocks, rows_of, max_new_tokens, dev)
-                for i, text in zip(chunk, texts):
-                    out[i] = text
+                texts = _generate(model, tok, prefix.ids, cache, blocks, rows_of, max_new_tokens, dev)
+                out = _put(out, chunk, texts)
                 bar.update(len(chunk))
+        pooled.sort(key=lambda i: len(decisions[i].prefix.ids))  # similar lengths, less padding
+        for s in range(0, len(pooled), batch_size):
+            chunk = pooled[s: s + batch_size]
+            prompts = []
+            for i in chunk:
+                d, block = decisions[i], encoder.rationale_prompt(decisions[i], reasoning)
+                prompts.append(Segment(list(d.prefix.ids) + block.ids, list(d.prefix.artworks) + block.artworks))
+            out = _put(out, chunk, _generate(model, tok, [], None, prompts, rows_of, max_new_tokens, dev))
+            bar.update(len(chunk))
     bar.close()
+    return out
+
+
+def _put(out: list[str], where: list[int], texts: list[str]) -> list[str]:
+    for i, text in zip(where, texts):
+        out[i] = text
     return out
 
 
@@ -91,8 +114,9 @@ def _prefix_cache(model: nn.Module, ids: list[int], artwork_ids, dev: torch.devi
 
 def _generate(model: nn.Module, tokenizer, prefix_ids: list[int], cache, blocks, rows_of, max_new_tokens: int,
               dev: torch.device) -> list[str]:
-    """Greedy continuations of ``blocks`` (each after the cached prefix): padding sits between the prefix and
-    a shorter block, masked, so every block's positions continue from the prefix as in training."""
+    """Greedy continuations of ``blocks``, each after the cached prefix (``cache``; None: ``blocks`` are whole
+    prompts, left-padded): padding sits between the prefix and a shorter block, masked, so every block's
+    positions continue from the prefix as in training."""
     from mmart.model.chooser import causal_lm_of
     from mmart.model.prefix import repeated_cache
 
@@ -105,8 +129,8 @@ def _generate(model: nn.Module, tokenizer, prefix_ids: list[int], cache, blocks,
     arts = _artworks(rows_of, [b.artworks for b in blocks], dev)
     if arts is not None:
         kwargs["artwork_ids"] = arts  # the blocks' artworks only: the prefix's are in the cache
-    new = model.generate(input_ids=ids, attention_mask=mask, cache=repeated_cache(cache, len(blocks),
-                                                                                 causal_lm_of(model).config),
-                         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_token_ids(tokenizer),
-                         pad_token_id=pad, **kwargs)[:, ids.shape[1]:]
+    if cache is not None:
+        kwargs["cache"] = repeated_cache(cache, len(blocks), causal_lm_of(model).config)
+    new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=stop_token_ids(tokenizer), pad_token_id=pad, **kwargs)[:, ids.shape[1]:]
     return [clean(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]

@@ -171,10 +171,11 @@ class SFTStageConfig(StageConfig):
     reasoning_weight: float = field(default=0.5, metadata={
         "help": "loss = choice loss + w * rationale loss (per decision, the mean next-token cross-entropy over its "
                 "rationale's tokens, averaged over the decisions with a rationale). 0 trains on the choice alone."})
-    reasoning_max_tokens: int = field(default=64, metadata={
+    reasoning_max_tokens: int = field(default=128, metadata={
         "help": "The most tokens the trained model writes as its own rationale (before_answer: before every answer; "
                 "auxiliary: with predict --explain and the home-page API's explain). Generation also stops at the "
-                "end of the line."})
+                "end of the line. Keep it above the teacher's longest rationale (SFT warns when some are longer): "
+                "a rationale cut short is answered without its conclusion."})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -128,15 +128,25 @@ def own_rationales(cfg: PipelineConfig, model, encoder, examples: list, rows_of)
     """Under ``sft.reasoning: before_answer``, the ``decision_rows`` arguments that read every DPO decision's
     answers after the SFT model's own rationale, as predict will: chosen and rejected share it, so its
     log-probability cancels in the DPO margin and DPO trains the answer given the model's reasoning. Empty
-    otherwise. Greedy generation is deterministic, so every process writes the same rationales."""
+    otherwise. Each process writes its share (every n-th decision), and all gather the whole list."""
     if cfg.sft.reasoning != "before_answer":
         return {}
     from mmart.model.explain import write_rationales
     from mmart.train.common import use_bf16
     from mmart.train.data import encode_decisions
 
-    texts = write_rationales(model, encoder, encode_decisions(encoder, examples, "encode dpo"), "before_answer",
-                             cfg.sft.reasoning_max_tokens, rows_of, bf16=use_bf16(cfg.dpo.bf16, "dpo"))
+    state = distributed_state()
+    mine = examples[state.process_index::state.num_processes]
+    texts = write_rationales(model, encoder, encode_decisions(encoder, mine, "encode dpo"), "before_answer",
+                             cfg.sft.reasoning_max_tokens, rows_of, bf16=use_bf16(cfg.dpo.bf16, "dpo"),
+                             progress=state.is_main_process)
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        shares = gather_object([texts])  # one list per process, in rank order
+        texts = [""] * len(examples)
+        for rank, share in enumerate(shares):
+            texts[rank::state.num_processes] = share
     say(f"[mmart dpo] reasoning: before_answer: the SFT model wrote a rationale before each of {len(texts)} "
         "decisions' answers")
     return {"rationales": texts, "reasoning": "before_answer", "train_rationales": False}

@@ -168,6 +168,11 @@ def run_sft(cfg: PipelineConfig, out_dir: str | Path | None = None, callbacks: l
         said = sum(e.example_id in rationales for e in examples)
         say(f"[mmart sft] reasoning: {cfg.sft.reasoning}, weight {cfg.sft.reasoning_weight}: {said} of "
             f"{len(examples)} decisions with a rationale ({rationale_table(cfg)})")
+        longer = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) >= cfg.sft.reasoning_max_tokens
+                     for r in rationales.values())
+        if longer:
+            say(f"[mmart sft] warning: {longer} rationales are {cfg.sft.reasoning_max_tokens} tokens or longer "
+                "(sft.reasoning_max_tokens): the model's own will be cut there, before their conclusion; raise it")
     val = None
     if cfg.sft.eval_examples:  # every logged val decision of some members, as SFT sees train ones
         pool = inputs.builder.pair_examples("val", labels=True)

@@ -65,9 +65,13 @@ def test_scores_read_after_the_rationale_depend_on_it(setup) -> None:
     assert not torch.allclose(scores("she plays close-ups"), scores("dark posters win every time"))
 
 
-def test_generated_rationales_equal_generation_from_each_full_prompt(setup) -> None:
-    """Batched behind one cached member prefix (padding between prefix and block) = each title alone, from its
-    whole unpacked prompt, no cache shared."""
+@pytest.mark.parametrize("shared_from", [1, 10**6])
+def test_generated_rationales_equal_generation_from_each_full_prompt(setup, monkeypatch, shared_from: int) -> None:
+    """Batched behind one cached member prefix (padding between prefix and block), or pooled as whole prompts
+    (left padding) = each title alone, from its whole unpacked prompt, no cache shared."""
+    import mmart.model.explain as explain
+
+    monkeypatch.setattr(explain, "SHARED_PREFIX_MIN", shared_from)
     model, tok, enc, examples, rows_of = setup
     decisions = [enc.decision(e) for e in examples]
     batched = write_rationales(model, enc, decisions, "before_answer", 6, rows_of, progress=False)

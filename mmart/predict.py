@@ -160,12 +160,13 @@ def predict(model_dir: str | Path, data_dir: str | Path, split: str, out: str | 
     bf16 = use_bf16(cfg.eval.bf16, "predict")
     prepared = ready_for_scoring(model, bf16)
     encoder, every = encoder_for(inputs, model, tokenizer), [ex for view in views for ex in view]
-    texts = None
+    texts, decisions = None, None
     if explain:  # the model's own rationale for each view of each pair (the answer reads it under before_answer)
-        texts = write_rationales(model, encoder, encode_decisions(encoder, every, "encode"), reasoning,
-                                 cfg.sft.reasoning_max_tokens, cache_rows(inputs.cache), batch_size, bf16, progress)
+        decisions = encode_decisions(encoder, every, "encode")
+        texts = write_rationales(model, encoder, decisions, reasoning, cfg.sft.reasoning_max_tokens,
+                                 cache_rows(inputs.cache), batch_size, bf16, progress)
     rows = decision_rows(encoder, every, cache_rows(inputs.cache), pack * orders, desc="encode", rationales=texts,
-                         reasoning=reasoning, train_rationales=False).to_list()
+                         reasoning=reasoning, train_rationales=False, decisions=decisions).to_list()
     scored = score_rows(model, rows, tokenizer.pad_token_id, batch_size, progress, bf16=bf16,
                         readout=inputs.builder.readout)
     n = len(examples)

@@ -183,7 +183,7 @@ class HomePageChooser:
             decisions.append(replace(d, prefix=prefix.segment, prefix_key=(key, 0)))
         said = [""] * len(decisions)
         if explain or self.reasoning == "before_answer":
-            said = self._rationales(decisions)
+            said = self._rationales(decisions, {(key, 0): prefix.cache})
         if self.reasoning == "before_answer":  # the answer reads the model's own rationale
             decisions = [self.encoder.with_answer_after(d, r) for d, r in zip(decisions, said)]
         blocks, arts, reads, tokens, where = [], [], [], [], []  # where: per block, (title, candidate) of each read
@@ -219,7 +219,7 @@ class HomePageChooser:
         return {t: Choice(dict(zip(c, np.asarray(probs[i, : len(c)], dtype=float).tolist())), said[i])
                 for i, (t, c) in enumerate(titles.items())}
 
-    def _rationales(self, decisions: list) -> list[str]:
+    def _rationales(self, decisions: list, prefix_caches: dict) -> list[str]:
         from mmart.model.explain import write_rationales
 
         if self.reasoning == "none":
@@ -227,7 +227,7 @@ class HomePageChooser:
                             "rationale; train it with sft.reasoning: auxiliary (or before_answer) to explain")
         rows_of = (lambda a: self.cache.rows(list(a)).tolist()) if self.cache is not None else None
         return write_rationales(self.model, self.encoder, decisions, self.reasoning, self.reasoning_max_tokens,
-                                rows_of, bf16=self.bf16, progress=False)
+                                rows_of, bf16=self.bf16, progress=False, prefix_caches=prefix_caches)
 
     # --- helpers -----------------------------------------------------------------------------------
     def _device(self) -> torch.device:

@@ -46,10 +46,13 @@ def clean(text: str) -> str:
 @torch.inference_mode()
 def write_rationales(model: nn.Module, encoder: PromptEncoder, decisions: Sequence[Decision], reasoning: str,
                      max_new_tokens: int, rows_of: Callable[[list[str]], list[int]] | None,
-                     batch_size: int = 16, bf16: bool = False, progress: bool = True) -> list[str]:
+                     batch_size: int = 16, bf16: bool = False, progress: bool = True,
+                     prefix_caches: dict | None = None) -> list[str]:
     """Each decision's rationale, written by ``model`` behind its member prefix (aligned with ``decisions``).
 
     ``rows_of``: artwork ids -> rows of the model's artwork cache (None for caption prompts).
+    ``prefix_caches``: prefix key -> a one-row key/value cache of that prefix the caller already holds (the
+    home-page API's); its titles generate from it, however few.
     """
     from mmart.model.inference import scoring_context
 
@@ -58,15 +61,18 @@ def write_rationales(model: nn.Module, encoder: PromptEncoder, decisions: Sequen
     for i, d in enumerate(decisions):
         groups.setdefault(d.prefix_key, []).append(i)
     out: list[str] = [""] * len(decisions)
-    pooled = [i for members in groups.values() if len(members) < SHARED_PREFIX_MIN for i in members]
+    caches = prefix_caches or {}
+    shared = {k for k, members in groups.items() if k in caches or len(members) >= SHARED_PREFIX_MIN}
+    pooled = [i for k, members in groups.items() if k not in shared for i in members]
     bar = tqdm(total=len(decisions), desc="write rationales", unit="title", leave=False, disable=not progress)
     tok = encoder.tokenizer
     with scoring_context(dev, bf16):
-        for members in groups.values():
-            if len(members) < SHARED_PREFIX_MIN:
-                continue
+        for key in shared:
+            members = groups[key]
             prefix = decisions[members[0]].prefix
-            cache = _prefix_cache(model, prefix.ids, _artworks(rows_of, [prefix.artworks], dev), dev)
+            cache = caches.get(key)
+            if cache is None:
+                cache = _prefix_cache(model, prefix.ids, _artworks(rows_of, [prefix.artworks], dev), dev)
             for s in range(0, len(members), batch_size):
                 chunk = members[s: s + batch_size]
                 blocks = [encoder.rationale_prompt(decisions[i], reasoning) for i in chunk]

@@ -138,7 +138,7 @@ def decision_rows(encoder: PromptEncoder, examples: Sequence[Example], rows_of: 
                   teacher=None, teacher_temperature: float = 1.0, propensity_clip: float | None = None,
                   desc: str = "encode", true_play: Callable[[Example], list[float]] | None = None,
                   rationales: dict[str, str] | Sequence[str] | None = None, reasoning: str = "auxiliary",
-                  train_rationales: bool = True) -> Dataset:
+                  train_rationales: bool = True, decisions: list[Decision] | None = None) -> Dataset:
     """Rows of ``max_titles`` decisions sharing a member prefix (1 = one prompt per decision), with labels:
     ``chosen`` (index of the played candidate, -1 if none), ``rejected`` (indices), ``weight`` (importance
     weight of the played label), with a ``teacher`` ``target_probs`` (its choice distribution), and with
@@ -146,8 +146,9 @@ def decision_rows(encoder: PromptEncoder, examples: Sequence[Example], rows_of: 
     ``rationales`` (example_id -> text, or one text per example): under ``reasoning: auxiliary`` each decision
     that has one also gets its rationale block (``PromptEncoder.with_rationale``); under ``before_answer`` every
     decision is read after its rationale (``PromptEncoder.with_answer_after``; none: an empty one). The rows
-    carry rationale labels when ``train_rationales`` (SFT), not when the rationale is only read (DPO, scoring)."""
-    decisions = encode_decisions(encoder, examples, desc)
+    carry rationale labels when ``train_rationales`` (SFT), not when the rationale is only read (DPO, scoring).
+    ``decisions``: ``examples`` already encoded (a caller that generated rationales from them)."""
+    decisions = decisions if decisions is not None else encode_decisions(encoder, examples, desc)
     if rationales is not None:
         decisions = with_rationales(encoder, decisions, rationales, reasoning, train_rationales)
     fields: dict[str, list] = {

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 RECORD = "made_from.json"
+RATIONALES = ("rationales", "rationales.parquet")  # <output_dir>/rationales/<table>: written by `mmart rationales`, read by SFT
 TABLES = ("titles", "artworks", "users", "impressions")
 STAGES = ("init", "sft", "dpo", "predict", "eval")
 # Settings that change how a stage reports or checkpoints, not what it makes.
@@ -140,7 +141,7 @@ def made_from(cfg: Any, stage: str, model_dir: str | Path | None = None, preds: 
         if embeddings and cfg.model.projector_init != "random":
             inputs["init"] = model_fingerprint(out / "init" / "model")  # SFT starts from init's projector
         if cfg.sft.reasoning != "none":  # it trains on the rationales too: another table, another model
-            table = out / "rationales" / "rationales.parquet"
+            table = out.joinpath(*RATIONALES)
             inputs["rationales"] = sha256_files([table])[:16] if table.is_file() else None
     if stage == "dpo":
         config["dpo"] = _section(cfg, "dpo")
@@ -288,3 +289,20 @@ def fresh_checkpoints(checkpoints: Path, wanted: dict, say=print, launch: dict |
             say(f"[mmart] discarding {checkpoints} (made from other inputs: {'; '.join(why)}); starting over")
             shutil.rmtree(checkpoints)
     write_record(checkpoints, {**wanted, "launch": launch} if launch else wanted)
+
+
+def stale_tmp(path: Path) -> bool:
+    """A ``*.tmp-PID`` file whose writer is gone (a killed build); a live concurrent build's file is left alone."""
+    try:
+        pid = int(path.name.rsplit(".tmp-", 1)[1])
+    except (IndexError, ValueError):
+        return True
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False

@@ -95,8 +95,12 @@ def run_shards(targets: Sequence[Target], builder: ExampleBuilder, rcfg, made: d
     """Write this process's unfinished shards; returns (shards written, shards kept)."""
     from tqdm.auto import tqdm
 
-    from mmart.artefacts import stale, write_record
+    from mmart.artefacts import stale, stale_tmp, write_record
 
+    if main:  # a write cut off by a kill leaves its temporary file: never a complete shard
+        for tmp in folder.glob(".shard-*.tmp-*"):
+            if stale_tmp(tmp):
+                tmp.unlink(missing_ok=True)
     slices = shard_slices(len(targets), rcfg.shard_size)
     mine = [i for i in range(len(slices)) if i % world == rank]
     todo = [i for i in mine if stale(shard_path(folder, i), shard_record(made, i, [targets[j] for j in slices[i]]))]

@@ -13,16 +13,15 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from mmart.artefacts import _section, data_fingerprint
+from mmart.artefacts import RATIONALES, _section, data_fingerprint
 
-STAGE = "rationales"
-TABLE = "rationales.parquet"
+STAGE, TABLE = RATIONALES
 
 
 def rationale_table(cfg: Any, out: str | Path | None = None) -> Path:
     """Where the rationales table of ``cfg`` lives: ``<out>/rationales.parquet``, by default under
     ``<output_dir>/rationales`` (where SFT with ``sft.reasoning: auxiliary`` reads it)."""
-    return Path(out or f"{cfg.output_dir}/rationales") / TABLE
+    return Path(out or Path(cfg.output_dir) / STAGE) / TABLE
 # Bump when the taste verbaliser's wording or evidence changes: its tables are then written again.
 TASTE_VERSION = 1
 _SMALL = 64 << 20  # model files up to this size are hashed whole; larger (weights) by size, head and tail

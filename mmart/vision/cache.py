@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from mmart.artefacts import stale_tmp
 from mmart.errors import UserError
 from mmart.vision.config import CacheConfig, VisionConfig
 from mmart.vision.images import (ArtworkImages, ArtworkItem, BadImage, ImageRefused, catalog_items, collate,
@@ -108,23 +109,6 @@ def _all(state: Any, value: Any) -> list[Any]:
     return gather_object([value]) if state.num_processes > 1 else [value]
 
 
-def _stale_tmp(path: Path) -> bool:
-    """A ``*.tmp-PID`` file whose writer is gone (a killed build); a live concurrent build's file is left alone."""
-    try:
-        pid = int(path.name.rsplit(".tmp-", 1)[1])
-    except (IndexError, ValueError):
-        return True
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
-
-
 def hash_images(items: Sequence[ArtworkItem], state: Any) -> dict[str, tuple[str, list[int]]]:
     """artwork id -> (sha256 of its image file, [size, mtime_ns]) for every readable image; processes split the work.
 
@@ -158,7 +142,7 @@ def _prepare_dir(cache_dir: Path, fp: dict[str, Any], fp_sha: str, overwrite: bo
     """Main process only: clean temp files and stale shards, refuse (or with ``overwrite`` clear) another tower's cache."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     for tmp in cache_dir.glob("*.tmp-*"):  # left by a killed build: never a complete file
-        if _stale_tmp(tmp):
+        if stale_tmp(tmp):
             tmp.unlink(missing_ok=True)
     if overwrite:
         (cache_dir / MANIFEST).unlink(missing_ok=True)

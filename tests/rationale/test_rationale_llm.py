@@ -47,9 +47,15 @@ def test_a_killed_run_resumes_from_its_finished_shards_and_writes_what_one_run_w
     assert first.is_file() and not (out / "rationales.parquet").exists()
     stamp = first.stat().st_mtime_ns
 
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = out / "shards" / f".shard-00001.parquet.tmp-{int(gone.stdout)}"  # a write its kill cut off
+    live = out / "shards" / f".shard-00002.parquet.tmp-{os.getppid()}"  # another process still writing
+    dead.write_bytes(b"half a parquet file")
+    live.write_bytes(b"")
     written: list[int] = []
     resumed = _table(run_rationales(rcfg, "llm", out, on_shard=written.append))
     assert written == [1, 2, 3, 4]  # 24 decisions in shards of 5: shard 0 was kept
+    assert not dead.exists() and live.exists()
     assert first.stat().st_mtime_ns == stamp
     assert resumed == whole  # greedy decoding: deterministic, whatever run wrote each shard
 

@@ -16,15 +16,15 @@ from typing import Any
 from mmart.artefacts import RATIONALES, _section, data_fingerprint
 
 STAGE, TABLE = RATIONALES
+# Bump when the taste verbaliser's wording or evidence changes: its tables are then written again.
+TASTE_VERSION = 1
+_SMALL = 64 << 20  # model files up to this size are hashed whole; larger (weights) by size, head and tail
 
 
 def rationale_table(cfg: Any, out: str | Path | None = None) -> Path:
     """Where the rationales table of ``cfg`` lives: ``<out>/rationales.parquet``, by default under
     ``<output_dir>/rationales`` (where SFT with ``sft.reasoning: auxiliary`` reads it)."""
     return Path(out or Path(cfg.output_dir) / STAGE) / TABLE
-# Bump when the taste verbaliser's wording or evidence changes: its tables are then written again.
-TASTE_VERSION = 1
-_SMALL = 64 << 20  # model files up to this size are hashed whole; larger (weights) by size, head and tail
 
 
 def model_folder_fingerprint(folder: str | Path) -> str:
